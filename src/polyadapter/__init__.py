@@ -1,0 +1,24 @@
+"""polyadapter: parameter-efficient, modular transfer learning on any PyTorch model."""
+__version__ = "0.1.0"
+
+from .config import AdapterConfig, config_from_dict  # noqa: E402
+from .errors import (  # noqa: E402
+    AdapterNameError, ConfigError, LoadError, PolyAdapterError, ShapeMismatchError, StateError,
+    TargetError, UnsafeFileError,
+)
+from .methods import METHODS  # noqa: E402
+from .methods.ia3 import IA3Config  # noqa: E402
+from .methods.lora import LoraConfig  # noqa: E402
+from .model import AdapterModel  # noqa: E402
+
+
+def wrap(model) -> AdapterModel:
+    """Wrap a frozen base model so adapters can be added to it."""
+    return AdapterModel(model)
+
+
+__all__ = [
+    "AdapterModel", "wrap", "AdapterConfig", "LoraConfig", "IA3Config", "config_from_dict", "METHODS",
+    "PolyAdapterError", "ConfigError", "TargetError", "AdapterNameError", "LoadError",
+    "ShapeMismatchError", "UnsafeFileError", "StateError",
+]

@@ -1,0 +1,40 @@
+"""Adapter files: polyadapter's native folder and PEFT's folder. Dispatch by content."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import LoadError
+from . import native
+from .files import refuse_pickle
+
+FORMATS = ("native", "peft")
+
+
+def save_adapter(model, name: str, path: Path, format: str = "native", overwrite: bool = False) -> Path:
+    if format == "native":
+        return native.save(model, name, path, overwrite=overwrite)
+    if format == "peft":
+        from . import peft
+        return peft.save(model, name, path, overwrite=overwrite)
+    raise ValueError(f"unknown adapter format {format!r}; choose one of {FORMATS}")
+
+
+def detect_format(path: Path) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise LoadError(f"{path}: no such file or folder")
+    refuse_pickle(path)
+    if path.is_dir() and native.is_native(path):
+        return "native"
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return "peft"
+    raise LoadError(f"{path}: not an adapter folder (expected {native.CONFIG_FILE} for polyadapter's "
+                    f"format or adapter_config.json for PEFT's)")
+
+
+def load_adapter(model, path: Path, name: str | None = None):
+    fmt = detect_format(path)
+    if fmt == "native":
+        return native.load(model, path, name=name)
+    from . import peft
+    return peft.load(model, path, name=name)

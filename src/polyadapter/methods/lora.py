@@ -1,0 +1,136 @@
+"""LoRA: a low-rank update ``scale * B @ A`` beside a Linear, Conv1D or Embedding.
+
+Initialisations: ``default`` (A Kaiming-uniform, B zero: the model starts exactly at
+the base; for embeddings A zero, B normal, as PEFT does), ``gaussian`` (A normal with
+std 1/r, B zero) and ``pissa`` (A, B from the base weight's top-r singular triplets).
+
+PiSSA normally rewrites the base weight to its residual. Here the base stays
+untouched — other adapters share it — and the part keeps the initial factors as
+frozen buffers ``A0, B0``, computing ``W x + s (B A - B0 A0) x``: the same function,
+the same trainable subspace, and output equal to the base at initialisation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AdapterConfig
+from ..errors import ConfigError
+from ..sites import LINEAR_TYPES, linear_dims
+from . import MethodSpec, with_preset_targets
+
+INITS = ("default", "gaussian", "pissa")
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    method: ClassVar[str] = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "default"
+
+    def validate(self):
+        self.require(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, "r", "a positive integer")
+        self.require(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", "a positive number")
+        self.require(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout", "a number in [0, 1)")
+        self.require(isinstance(self.use_rslora, bool), "use_rslora", "true or false")
+        self.require(self.init in INITS, "init", f"one of {list(INITS)}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class LoraPart(nn.Module):
+    def __init__(self, base: nn.Module, config: LoraConfig, site: str):
+        super().__init__()
+        self.is_embedding = isinstance(base, nn.Embedding)
+        self.is_conv1d = not self.is_embedding and not isinstance(base, nn.Linear)
+        if self.is_embedding:
+            in_f, out_f = base.num_embeddings, base.embedding_dim
+        else:
+            in_f, out_f = linear_dims(base)
+        r = config.r
+        dev, dt = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Parameter(torch.zeros(r, in_f, device=dev, dtype=dt))
+        self.lora_B = nn.Parameter(torch.zeros(out_f, r, device=dev, dtype=dt))
+        self.scaling = config.scaling
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.pissa = config.init == "pissa"
+        with torch.no_grad():
+            if self.pissa:
+                if self.is_embedding:
+                    raise ConfigError(f"lora init 'pissa' needs a Linear layer; site {site!r} is an Embedding")
+                A0, B0 = _pissa_factors(self._weight_out_in(base), r, self.scaling)
+                self.lora_A.copy_(A0)
+                self.lora_B.copy_(B0)
+                self.register_buffer("lora_A0", A0.clone())
+                self.register_buffer("lora_B0", B0.clone())
+            elif self.is_embedding:
+                nn.init.normal_(self.lora_B)
+            elif config.init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1 / r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def _weight_out_in(self, base):
+        w = base.weight
+        return w.T if self.is_conv1d else w
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The update's contribution to the site output for input ``x``."""
+        if self.is_embedding:
+            return F.embedding(x, self.lora_A.T) @ self.lora_B.T * self.scaling
+        out = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        if self.pissa:
+            out = out - F.linear(F.linear(x, self.lora_A0), self.lora_B0)
+        return out * self.scaling
+
+    def apply(self, inner, x):
+        return inner(x) + self.delta(x).to(x.dtype if x.is_floating_point() else self.lora_B.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update in the base weight's own layout."""
+        w = self.lora_B @ self.lora_A
+        if self.pissa:
+            w = w - self.lora_B0 @ self.lora_A0
+        w = w * self.scaling
+        return w.T if (self.is_conv1d or self.is_embedding) else w
+
+    @torch.no_grad()
+    def merge(self, base: nn.Module) -> None:
+        base.weight.add_(self.delta_weight().to(base.weight.dtype))
+
+    @torch.no_grad()
+    def unmerge(self, base: nn.Module) -> None:
+        base.weight.sub_(self.delta_weight().to(base.weight.dtype))
+
+
+def _pissa_factors(weight: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A0 (r, in), B0 (out, r) with ``scaling * B0 @ A0`` the weight's best rank-r part."""
+    U, S, Vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+    root = torch.sqrt(S[:r] / scaling)
+    A0 = root[:, None] * Vh[:r]
+    B0 = U[:, :r] * root[None, :]
+    return A0.to(weight.dtype), B0.to(weight.dtype)
+
+
+def _accepts(module: nn.Module) -> bool:
+    return isinstance(module, LINEAR_TYPES + (nn.Embedding,))
+
+
+SPEC = MethodSpec(
+    name="lora",
+    config_cls=LoraConfig,
+    make_part=LoraPart,
+    fill_defaults=lambda model, cfg: with_preset_targets(model, cfg, "lora"),
+    accepts=_accepts,
+    summary="low-rank update B@A beside Linear / Conv1D / Embedding layers",
+)

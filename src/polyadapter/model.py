@@ -1,0 +1,308 @@
+"""The object users hold: a frozen base model plus any number of named adapters.
+
+    pm = AdapterModel(base)                       # or polyadapter.wrap(base)
+    pm.add_adapter("topic", LoraConfig(r=8, modules_to_save=["classifier"]))
+    pm.train_adapter("topic")                     # only "topic" requires grad
+    pm.set_active("topic")                        # or several names: a stack
+    pm.merge_adapter("topic"); pm.unmerge_adapter("topic")
+    pm.save_adapter("topic", "out/topic"); pm.load_adapter("out/topic", name="t2")
+
+Every change is planned first (all parameters built, every name and shape checked)
+and installed second, so an error leaves the model as it was.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig, config_from_dict
+from .errors import AdapterNameError, StateError
+from .fingerprint import fingerprint
+from .methods import method_spec
+from .saved_modules import ModuleCopy
+from .sites import Site, original_modules, resolve_targets, sites_of
+from .sites import unwrap as unwrap_site
+from .sites import wrap as wrap_site
+from .state import AdapterRecord, AdapterState
+
+_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+INPUT_SITE = "input_embeddings"  # file-key prefix of input-level parts (prompt tuning)
+
+
+@dataclass
+class Plan:
+    """Everything an adapter will add, built but not yet installed."""
+
+    record: AdapterRecord
+    parts: dict[str, nn.Module] = field(default_factory=dict)  # site -> part (saved modules too)
+    input_part: nn.Module | None = None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for site, part in self.parts.items():
+            out.update({f"{site}.{k}": v for k, v in part.state_dict().items()})
+        if self.input_part is not None:
+            out.update({f"{INPUT_SITE}.{k}": v for k, v in self.input_part.state_dict().items()})
+        return out
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy checked tensors (keys as in :meth:`state_dict`) into the parts."""
+        groups = dict(self.parts)
+        if self.input_part is not None:
+            groups[INPUT_SITE] = self.input_part
+        for site, part in groups.items():
+            own = part.state_dict()
+            part.load_state_dict({k: tensors[f"{site}.{k}"].to(v.dtype) for k, v in own.items()})
+
+
+class AdapterModel(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if isinstance(model, AdapterModel):
+            raise StateError("this model is already an AdapterModel")
+        if any(isinstance(m, Site) for m in model.modules()):
+            raise StateError("this model already holds polyadapter sites; wrap it once")
+        self.model = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.input_parts = nn.ModuleDict()
+        object.__setattr__(self, "state", AdapterState(
+            base_fingerprint=fingerprint(dict(model.named_parameters()), model)))
+
+    # ------------------------------------------------------------------ running
+    def forward(self, *args, **kwargs):
+        prompts = [n for n in self.state.active if n in self.input_parts]
+        if prompts:
+            if args:
+                if "input_ids" in kwargs or len(args) > 1:
+                    raise TypeError("with a prompt adapter active, pass inputs as keyword arguments")
+                kwargs["input_ids"] = args[0]
+                args = ()
+            for name in prompts:
+                kwargs = self.input_parts[name].prepare(self.model, kwargs)
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        prompts = [n for n in self.state.active if n in self.input_parts]
+        if prompts:
+            if args:
+                kwargs["input_ids"] = args[0]
+                args = ()
+            for name in prompts:
+                kwargs = self.input_parts[name].prepare_generate(self.model, kwargs)
+        return self.model.generate(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.state.adapters)
+
+    @property
+    def active_adapters(self) -> tuple[str, ...]:
+        return self.state.active
+
+    def record(self, name: str) -> AdapterRecord:
+        if name not in self.state.adapters:
+            raise AdapterNameError(f"no adapter named {name!r}; adapters: {self.adapters}")
+        return self.state.adapters[name]
+
+    def add_adapter(self, name: str, config: AdapterConfig | dict, activate: bool = True) -> AdapterRecord:
+        """Add a new adapter with freshly initialised parameters."""
+        plan = self.plan_adapter(name, config)
+        self.install(plan)
+        if activate:
+            self.set_active(name)
+        return plan.record
+
+    def plan_adapter(self, name: str, config: AdapterConfig | dict) -> Plan:
+        """Build an adapter's parts without touching the model (used by add and load)."""
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise AdapterNameError(
+                f"adapter name {name!r} is invalid: use 1-64 letters, digits, '_' or '-'")
+        if name in self.state.adapters:
+            raise AdapterNameError(f"an adapter named {name!r} already exists; adapters: {self.adapters}")
+        if isinstance(config, dict):
+            config = config_from_dict(config, where=f"adapter {name!r}")
+        spec = method_spec(config.method)
+        config = spec.fill_defaults(self.model, config)
+        what = f"adapter {name!r} ({config.method})"
+        modules = original_modules(self.model)
+        saved = resolve_targets(self.model, config.modules_to_save, lambda m: True, what + " modules_to_save")
+        plan = Plan(AdapterRecord(name, config, sites=[], saved_modules=saved))
+        if spec.level == "input":
+            plan.input_part = spec.make_part(self.model, config, INPUT_SITE)
+        else:
+            sites = resolve_targets(self.model, config.targets, spec.accepts, what, exclude=set(saved))
+            clash = sorted(set(sites) & set(saved))
+            if clash:
+                raise AdapterNameError(f"{what}: {clash[0]!r} is both a target and in modules_to_save")
+            for site in sites:
+                plan.parts[site] = spec.make_part(modules[site], config, site)
+            plan.record.sites = sites
+        for site in saved:
+            plan.parts[site] = ModuleCopy(modules[site])
+        return plan
+
+    def install(self, plan: Plan) -> None:
+        name = plan.record.name
+        for site, part in plan.parts.items():
+            wrap_site(self.model, site, self.state).adapters[name] = part
+        if plan.input_part is not None:
+            self.input_parts[name] = plan.input_part
+        self.state.adapters[name] = plan.record
+        for p in self.adapter_parameters(name).values():
+            p.requires_grad_(False)
+
+    def remove_adapter(self, name: str) -> None:
+        record = self.record(name)
+        if self.is_merged(name):
+            raise StateError(f"adapter {name!r} is merged into the base; unmerge it before removing it")
+        sites = sites_of(self.model)
+        for site in record.sites + record.saved_modules:
+            del sites[site].adapters[name]
+            if len(sites[site].adapters) == 0:
+                unwrap_site(self.model, site)
+        if name in self.input_parts:
+            del self.input_parts[name]
+        del self.state.adapters[name]
+        self.state.active = tuple(n for n in self.state.active if n != name)
+
+    def set_active(self, *names: str | None) -> None:
+        """Activate adapters. Several names stack: the first acts nearest the base."""
+        if len(names) == 1 and isinstance(names[0], (list, tuple)):
+            names = tuple(names[0])
+        names = tuple(n for n in names if n is not None)
+        for n in names:
+            self.record(n)
+        if len(set(names)) != len(names):
+            raise AdapterNameError(f"an adapter appears twice in the active setup {names}")
+        self.state.active = names
+
+    def parts(self, name: str) -> dict[str, nn.Module]:
+        """Site name -> this adapter's part at that site (saved modules included)."""
+        record = self.record(name)
+        sites = sites_of(self.model)
+        out = {s: sites[s].adapters[name] for s in record.sites + record.saved_modules}
+        if name in self.input_parts:
+            out[INPUT_SITE] = self.input_parts[name]
+        return out
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """File key -> tensor for everything the adapter saves (parameters and buffers)."""
+        return {f"{s}.{k}": v for s, part in self.parts(name).items() for k, v in part.state_dict().items()}
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        return {f"{s}.{k}": p for s, part in self.parts(name).items() for k, p in part.named_parameters()}
+
+    # ------------------------------------------------------------------ training
+    def train_adapter(self, name: str) -> list[nn.Parameter]:
+        """Make ``name`` the only trainable thing and activate it; return its parameters."""
+        self.record(name)
+        if self.is_merged(name):
+            raise StateError(f"adapter {name!r} is merged into the base; unmerge it before training")
+        for p in self.parameters():
+            p.requires_grad_(False)
+        params = list(self.adapter_parameters(name).values())
+        for p in params:
+            p.requires_grad_(True)
+        if name not in self.state.active:
+            self.set_active(name)
+        self.train()
+        return params
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_counts(self, name: str | None = None) -> dict[str, int]:
+        """Parameters of one adapter (or of all trainable ones) against the base's."""
+        base = sum(p.numel() for n, p in self.model.named_parameters() if not _is_adapter_param(n))
+        if name is None:
+            own = sum(p.numel() for p in self.trainable_parameters())
+        else:
+            own = sum(p.numel() for p in self.adapter_parameters(name).values())
+        return {"adapter": own, "base": base, "share": own / base if base else 0.0}
+
+    def gradient_checkpointing_enable(self, **kwargs):
+        """Enable the base model's gradient checkpointing (non-reentrant by default, so
+        gradients reach adapters even though the frozen inputs need none)."""
+        kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+        self.model.gradient_checkpointing_enable(**kwargs)
+
+    # ------------------------------------------------------------------ merging
+    def is_merged(self, name: str) -> bool:
+        record = self.record(name)
+        sites = sites_of(self.model)
+        return any(name in sites[s].merged for s in record.sites)
+
+    def merge_adapter(self, name: str, safe: bool = False) -> None:
+        """Add the adapter's weight update to the base weights; its parts then stop
+        computing. ``safe`` checks every merged weight for NaN/inf before committing."""
+        record = self.record(name)
+        if self.is_merged(name):
+            raise StateError(f"adapter {name!r} is already merged")
+        if name in self.input_parts:
+            raise StateError(f"adapter {name!r} ({record.config.method}) has no weight-space form and cannot be merged")
+        sites = sites_of(self.model)
+        parts = {s: sites[s].adapters[name] for s in record.sites}
+        for s, part in parts.items():
+            if not hasattr(part, "merge"):
+                raise StateError(f"adapter {name!r} ({record.config.method}) cannot be merged at site {s!r}")
+        if safe:
+            for s, part in parts.items():
+                probe = _clone_weights(sites[s].base)
+                part.merge(probe)
+                if not all(torch.isfinite(t).all() for t in probe.parameters()):
+                    raise StateError(f"merging adapter {name!r} gives non-finite weights at site {s!r}; nothing merged")
+        for s, part in parts.items():
+            part.merge(sites[s].base)
+            sites[s].merged.append(name)
+
+    def unmerge_adapter(self, name: str) -> None:
+        record = self.record(name)
+        if not self.is_merged(name):
+            raise StateError(f"adapter {name!r} is not merged")
+        sites = sites_of(self.model)
+        for s in record.sites:
+            sites[s].adapters[name].unmerge(sites[s].base)
+            sites[s].merged.remove(name)
+
+    def unwrap(self) -> nn.Module:
+        """Remove every adapter and return the base model with its original modules."""
+        for name in self.adapters:
+            self.remove_adapter(name)
+        return self.model
+
+    # ------------------------------------------------------------------ files
+    def save_adapter(self, name: str, path: str | Path, format: str = "native", overwrite: bool = False) -> Path:
+        """Save to a folder (``native`` or ``peft`` format), atomically."""
+        from .formats import save_adapter
+        return save_adapter(self, name, Path(path), format=format, overwrite=overwrite)
+
+    def load_adapter(self, path: str | Path, name: str | None = None, activate: bool = True) -> AdapterRecord:
+        from .formats import load_adapter
+        record = load_adapter(self, Path(path), name=name)
+        if activate:
+            self.set_active(record.name)
+        return record
+
+
+def _is_adapter_param(name: str) -> bool:
+    return ".adapters." in name
+
+
+def _clone_weights(module: nn.Module) -> nn.Module:
+    clone = nn.Module()
+    for n, p in module.named_parameters(recurse=False):
+        clone.register_parameter(n, nn.Parameter(p.detach().clone(), requires_grad=False))
+    return clone
+

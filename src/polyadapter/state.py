@@ -1,0 +1,28 @@
+"""The adapter state every Site reads: which adapters exist and which are active.
+
+It lives on the model object (``AdapterModel.state``) and every Site holds a
+reference to the same object, so a forward pass re-run by gradient checkpointing
+during backward sees the same setup as the first pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class AdapterRecord:
+    name: str
+    config: object                      # the method's config dataclass
+    sites: list[str]                    # canonical site names holding a part of it
+    saved_modules: list[str] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)
+
+
+@dataclass
+class AdapterState:
+    adapters: dict[str, AdapterRecord] = field(default_factory=dict)
+    active: tuple[str, ...] = ()        # applied in order: active[0] is innermost
+    base_fingerprint: dict = field(default_factory=dict)
+
+    def active_names(self) -> tuple[str, ...]:
+        return self.active
