@@ -12,6 +12,7 @@ and installed second, so an error leaves the model as it was.
 """
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,11 +233,18 @@ class AdapterModel(nn.Module):
             own = sum(p.numel() for p in self.adapter_parameters(name).values())
         return {"adapter": own, "base": base, "share": own / base if base else 0.0}
 
-    def gradient_checkpointing_enable(self, **kwargs):
-        """Enable the base model's gradient checkpointing (non-reentrant by default, so
-        gradients reach adapters even though the frozen inputs need none)."""
-        kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
-        self.model.gradient_checkpointing_enable(**kwargs)
+    def gradient_checkpointing_enable(self, use_reentrant: bool = False) -> None:
+        """Turn on the base model's activation (gradient) checkpointing. Non-reentrant by
+        default, so gradients reach the adapters although the frozen inputs need none.
+        The active setup lives on this object, so the recomputed forward uses it too."""
+        kwargs = {"use_reentrant": use_reentrant}
+        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif hasattr(self.model, "gradient_checkpointing_enable"):
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            raise StateError(f"{type(self.model).__name__} has no built-in checkpointing; wrap its blocks "
+                             f"with torch.utils.checkpoint yourself")
 
     # ------------------------------------------------------------------ merging
     def is_merged(self, name: str) -> bool:
@@ -259,7 +267,7 @@ class AdapterModel(nn.Module):
                 raise StateError(f"adapter {name!r} ({record.config.method}) cannot be merged at site {s!r}")
         if safe:
             for s, part in parts.items():
-                probe = _clone_weights(sites[s].base)
+                probe = copy.deepcopy(sites[s].base)
                 part.merge(probe)
                 if not all(torch.isfinite(t).all() for t in probe.parameters()):
                     raise StateError(f"merging adapter {name!r} gives non-finite weights at site {s!r}; nothing merged")
@@ -298,11 +306,4 @@ class AdapterModel(nn.Module):
 
 def _is_adapter_param(name: str) -> bool:
     return ".adapters." in name
-
-
-def _clone_weights(module: nn.Module) -> nn.Module:
-    clone = nn.Module()
-    for n, p in module.named_parameters(recurse=False):
-        clone.register_parameter(n, nn.Parameter(p.detach().clone(), requires_grad=False))
-    return clone
 

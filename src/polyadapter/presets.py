@@ -1,13 +1,17 @@
 """Architecture knowledge as data: where each method acts, per model family.
 
-A family is chosen from ``model.config.model_type``. Patterns follow the rules in
+A family is chosen from ``model.config.model_type``. Where module names changed across
+transformers releases (ViT was BERT-like before transformers 5), a model type lists
+several families and the first whose patterns all match the model is used. Patterns follow the rules in
 ``sites.py``: an exact module name or a dotted suffix, ``re:<regex>`` for a regular
 expression matched against the whole name, or the keyword ``all-linear``.
 """
 
+from .sites import matches
+
 FAMILY_OF_MODEL_TYPE = {
     "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "electra": "bert",
-    "camembert": "bert", "vit": "bert", "deit": "bert", "data2vec-text": "bert",
+    "camembert": "bert", "vit": ("vit", "bert"), "deit": ("vit", "bert"), "data2vec-text": "bert",
     "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
     "gemma": "llama", "gemma2": "llama", "phi3": "llama", "smollm3": "llama",
     "gpt2": "gpt2",
@@ -35,6 +39,15 @@ PRESETS = {
         "pfeiffer": ["mlp.down_proj"],
         "parallel": ["mlp"],
     },
+    "vit": {
+        "lora": ["q_proj", "v_proj"],
+        "ia3": ["k_proj", "v_proj", "mlp.fc2"],
+        "ia3_feedforward": ["mlp.fc2"],
+        "sparse": ["q_proj", "v_proj", "mlp.fc2"],
+        "houlsby": ["attention.o_proj", "mlp.fc2"],
+        "pfeiffer": ["mlp.fc2"],
+        "parallel": ["mlp"],
+    },
     "gpt2": {
         "lora": ["c_attn"],
         "ia3": ["c_attn", "mlp.c_proj"],
@@ -47,9 +60,18 @@ PRESETS = {
 }
 
 
-def model_family(model) -> str | None:
+def _candidates(model) -> tuple[str, ...]:
     config = getattr(model, "config", None)
-    return FAMILY_OF_MODEL_TYPE.get(getattr(config, "model_type", None))
+    found = FAMILY_OF_MODEL_TYPE.get(getattr(config, "model_type", None), ())
+    return (found,) if isinstance(found, str) else found
+
+
+def model_family(model) -> str | None:
+    names = [n for n, _ in model.named_modules()]
+    for family in _candidates(model):
+        if all(any(matches(n, p) for n in names) for p in PRESETS[family]["lora"]):
+            return family
+    return next(iter(_candidates(model)), None)
 
 
 def preset(model, key: str) -> list[str] | None:
