@@ -172,7 +172,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(case, family):
         calls = []
         layer_sites = [m for n, m in pa.sites.sites_of(pm.model).items() if ".0." in n]
         for site in layer_sites[:1]:  # prompt tuning has no sites
-            site.register_forward_hook(lambda *_: calls.append(1))
+            site.register_forward_pre_hook(lambda *_: calls.append(1))
         output_of(pm, make_inputs(family)).float().pow(2).mean().backward()
         # With checkpointing the layer's forward ran again during backward.
         assert len(calls) == len(layer_sites[:1]) * (2 if checkpointing else 1)
@@ -254,3 +254,45 @@ def test_deep_copied_model_keeps_its_own_state(bert):
     assert pm.active_adapters == ("a",)
     site = twin.model.bert.encoder.layer[0].attention.self.query
     assert site.state is twin.state
+
+
+EMBEDDINGS = {"bert": "word_embeddings", "llama": "embed_tokens", "gpt2": "wte"}
+
+
+@pytest.mark.parametrize("family", list(EMBEDDINGS))
+def test_lora_on_input_embeddings(family, tmp_path):
+    base = make_model(family)
+    inputs = make_inputs(family)
+    ref = output_of(base, inputs)
+    pm = pa.AdapterModel(base)
+    pm.add_adapter("emb", {"method": "lora", "r": 2, "targets": [EMBEDDINGS[family]]})
+    assert pm.record("emb").sites and all(s.endswith(EMBEDDINGS[family]) for s in pm.record("emb").sites)
+    assert torch.equal(output_of(pm, inputs), ref)
+    perturb(pm, "emb")
+    out = output_of(pm, inputs)
+    assert not torch.allclose(out, ref)
+    if family == "gpt2":  # wte is tied to lm_head: merging would change both
+        with pytest.raises(pa.StateError, match="tied to 'lm_head'"):
+            pm.merge_adapter("emb")
+        assert not pm.is_merged("emb")
+    else:
+        pm.merge_adapter("emb")
+        torch.testing.assert_close(output_of(pm, inputs), out, atol=1e-4, rtol=1e-4)
+        pm.unmerge_adapter("emb")
+    pm.save_adapter("emb", tmp_path / "emb")
+    fresh = pa.AdapterModel(make_model(family))
+    fresh.load_adapter(tmp_path / "emb")
+    assert torch.equal(output_of(fresh, inputs), out)
+
+
+def test_prompt_beside_a_lora_on_the_embeddings(llama):
+    pm = pa.AdapterModel(llama)
+    inputs = make_inputs("llama")
+    pm.add_adapter("emb", {"method": "lora", "r": 2, "targets": ["embed_tokens"]})
+    perturb(pm, "emb")
+    pm.add_adapter("p", {"method": "prompt", "num_virtual_tokens": 2})
+    pm.set_active("emb", "p")
+    stacked = output_of(pm, inputs)
+    assert stacked.shape[1] == inputs["input_ids"].shape[1] + 2
+    pm.set_active("p")
+    assert not torch.allclose(output_of(pm, inputs), stacked)

@@ -7,8 +7,11 @@ from .errors import (  # noqa: E402
     TargetError, UnsafeFileError,
 )
 from .methods import METHODS  # noqa: E402
+from .methods.bottleneck import BottleneckConfig  # noqa: E402
 from .methods.ia3 import IA3Config  # noqa: E402
 from .methods.lora import LoraConfig  # noqa: E402
+from .methods.prompt import PromptConfig  # noqa: E402
+from .methods.sparse import SparseConfig  # noqa: E402
 from .model import AdapterModel  # noqa: E402
 
 
@@ -18,7 +21,9 @@ def wrap(model) -> AdapterModel:
 
 
 __all__ = [
-    "AdapterModel", "wrap", "AdapterConfig", "LoraConfig", "IA3Config", "config_from_dict", "METHODS",
+    "AdapterModel", "wrap", "AdapterConfig", "LoraConfig", "IA3Config", "BottleneckConfig",
+    "PromptConfig", "SparseConfig",
+    "config_from_dict", "METHODS",
     "PolyAdapterError", "ConfigError", "TargetError", "AdapterNameError", "LoadError",
     "ShapeMismatchError", "UnsafeFileError", "StateError",
 ]

@@ -265,6 +265,11 @@ class AdapterModel(nn.Module):
         for s, part in parts.items():
             if not hasattr(part, "merge"):
                 raise StateError(f"adapter {name!r} ({record.config.method}) cannot be merged at site {s!r}")
+        tied = _tied_weights(self.model, parts, sites)
+        if tied:
+            site, other = tied
+            raise StateError(f"cannot merge adapter {name!r}: the weight of site {site!r} is tied to {other!r}, "
+                             f"so merging would change both; keep it unmerged")
         if safe:
             for s, part in parts.items():
                 probe = copy.deepcopy(sites[s].base)
@@ -302,6 +307,19 @@ class AdapterModel(nn.Module):
         if activate:
             self.set_active(record.name)
         return record
+
+
+def _tied_weights(model: nn.Module, parts: dict, sites: dict) -> tuple[str, str] | None:
+    """(site, other module) for the first site whose weight another module shares."""
+    owners: dict[int, list[str]] = {}
+    for module_name, module in original_modules(model).items():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(module_name)
+    for s in parts:
+        others = [n for n in owners.get(id(sites[s].base.weight), []) if n != s]
+        if others:
+            return s, others[0]
+    return None
 
 
 def _is_adapter_param(name: str) -> bool:

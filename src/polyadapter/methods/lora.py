@@ -68,6 +68,9 @@ class LoraPart(nn.Module):
             if self.pissa:
                 if self.is_embedding:
                     raise ConfigError(f"lora init 'pissa' needs a Linear layer; site {site!r} is an Embedding")
+                if r > min(in_f, out_f):
+                    raise ConfigError(f"lora init 'pissa': r={r} exceeds the rank of the weight at site {site!r} "
+                                      f"({out_f}x{in_f}); use r <= {min(in_f, out_f)}")
                 A0, B0 = _pissa_factors(self._weight_out_in(base), r, self.scaling)
                 self.lora_A.copy_(A0)
                 self.lora_B.copy_(B0)
