@@ -71,6 +71,7 @@ class AdapterModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self.input_parts = nn.ModuleDict()
+        self.training = model.training  # an eval base stays in eval (no adapter dropout)
         object.__setattr__(self, "state", AdapterState(
             base_fingerprint=fingerprint(dict(model.named_parameters()), model)))
 
@@ -156,6 +157,9 @@ class AdapterModel(nn.Module):
 
     def install(self, plan: Plan) -> None:
         name = plan.record.name
+        for part in list(plan.parts.values()) + [plan.input_part]:
+            if part is not None:
+                part.train(self.model.training)  # new parts follow the model's train/eval mode
         for site, part in plan.parts.items():
             wrap_site(self.model, site, self.state).adapters[name] = part
         if plan.input_part is not None:

@@ -38,3 +38,22 @@ def load_adapter(model, path: Path, name: str | None = None):
         return native.load(model, path, name=name)
     from . import peft
     return peft.load(model, path, name=name)
+
+
+def convert(src: Path, dst: Path, to: str, overwrite: bool = False) -> Path:
+    """Convert an adapter folder to another format on files alone (no base model).
+
+    ``to="peft"`` reads a native folder and writes PEFT's ``adapter_config.json`` +
+    ``adapter_model.safetensors``; ``to="native"`` does the reverse (the base-model
+    fingerprint is then unknown and left empty). The write is atomic; an existing
+    ``dst`` is kept unless ``overwrite``."""
+    if to not in FORMATS:
+        raise ValueError(f"unknown adapter format {to!r}; choose one of {FORMATS}")
+    src, dst = Path(src), Path(dst)
+    fmt = detect_format(src)
+    if fmt == to:
+        raise ValueError(f"{src} is already in the {to} format; nothing to convert")
+    from . import peft
+    if to == "peft":
+        return peft.native_to_peft_folder(src, dst, overwrite=overwrite)
+    return peft.peft_to_native_folder(src, dst, overwrite=overwrite)

@@ -62,7 +62,7 @@ def load(model, path: Path, name: str | None = None):
     except PolyAdapterError as e:
         raise type(e)(f"{path}: {e}") from None
     want_sites = list(meta.get("sites", []))
-    if plan.record.sites != want_sites:
+    if set(plan.record.sites) != set(want_sites):
         missing = sorted(set(want_sites) - set(plan.record.sites))
         extra = sorted(set(plan.record.sites) - set(want_sites))
         raise LoadError(f"{where}: the adapter's sites do not fit this model: "
