@@ -1,4 +1,8 @@
-"""A cheap fingerprint of a base model: its structure and a sample of its weights."""
+"""A cheap fingerprint of a base model: its structure and a sample of its weights.
+
+The sample is the first and last values of each tensor, contiguous on purpose: a
+strided sample would touch every page of a memory-mapped checkpoint and make the
+whole file resident (about 84 MB of RSS on MiniLM, measured in bench/train_step.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -6,7 +10,7 @@ import hashlib
 import torch
 from torch import nn
 
-_SAMPLE = 1024
+_EDGE = 512  # values hashed from each end of every tensor
 
 
 def fingerprint(named_params: dict[str, torch.Tensor], model: nn.Module | None = None) -> dict:
@@ -18,8 +22,8 @@ def fingerprint(named_params: dict[str, torch.Tensor], model: nn.Module | None =
         total += t.numel()
         structure.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         flat = t.reshape(-1)
-        step = max(1, flat.numel() // _SAMPLE)
-        weights.update(flat[::step][:_SAMPLE].float().cpu().numpy().tobytes())
+        for edge in (flat[:_EDGE], flat[-_EDGE:]):
+            weights.update(edge.float().cpu().numpy().tobytes())
     config = getattr(model, "config", None)
     return {
         "model_type": getattr(config, "model_type", None),
