@@ -27,10 +27,10 @@ OUT = Path(__file__).resolve().parent / "out"
 
 # method -> (config, learning rate). The classifier head trains with every method.
 METHODS = {
-    "lora": ({"method": "lora", "r": 8, "alpha": 16, "targets": ["query", "value"]}, 2e-3),
-    "bottleneck": ({"method": "bottleneck", "placement": "pfeiffer", "reduction_factor": 16}, 2e-3),
+    "lora": ({"method": "lora", "r": 8, "alpha": 16, "targets": ["query", "value"]}, 5e-3),
+    "bottleneck": ({"method": "bottleneck", "placement": "pfeiffer", "reduction_factor": 16}, 5e-3),
     "ia3": ({"method": "ia3"}, 1e-2),
-    "prompt": ({"method": "prompt", "num_virtual_tokens": 20}, 1e-2),
+    "prompt": ({"method": "prompt", "num_virtual_tokens": 20}, 3e-2),
     "sparse": ({"method": "sparse", "density": 0.01}, 5e-3),
     "full": (None, 1e-4),
 }
@@ -111,10 +111,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="+", default=["bbc", "tweets"])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--train-size", type=int, default=800)
+    ap.add_argument("--train-size", type=int, default=600)
     ap.add_argument("--test-size", type=int, default=400)
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)

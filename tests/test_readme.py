@@ -26,3 +26,15 @@ def test_every_method_is_in_the_readme_table():
     text = (ROOT / "README.md").read_text()
     for spec in pa.METHODS.values():
         assert f"`{spec.config_cls.__name__}(" in text, spec.name
+
+
+def test_the_python_quickstart_runs(tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## Python quickstart\n\n```python\n") + len("## Python quickstart\n\n```python\n")
+    code = text[start:text.index("```\n", start)]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert (tmp_path / "adapters" / "topic" / "polyadapter.json").is_file()
+    assert (tmp_path / "adapters" / "topic-peft" / "adapter_config.json").is_file()
+    assert namespace["pm"].adapters == []  # unwrap removed every adapter

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig, config_from_dict
-from .errors import AdapterNameError, StateError
+from .errors import AdapterNameError, StateError, TargetError
 from .fingerprint import fingerprint
 from .methods import method_spec
 from .saved_modules import ModuleCopy
@@ -42,22 +42,26 @@ class Plan:
     parts: dict[str, nn.Module] = field(default_factory=dict)  # site -> part (saved modules too)
     input_part: nn.Module | None = None
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for site, part in self.parts.items():
-            out.update({f"{site}.{k}": v for k, v in part.state_dict().items()})
+    def all_parts(self) -> dict[str, nn.Module]:
+        """File-key prefix -> part, the input-level part included."""
+        out = dict(self.parts)
         if self.input_part is not None:
-            out.update({f"{INPUT_SITE}.{k}": v for k, v in self.input_part.state_dict().items()})
+            out[INPUT_SITE] = self.input_part
         return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return _keyed_state(self.all_parts())
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy checked tensors (keys as in :meth:`state_dict`) into the parts."""
-        groups = dict(self.parts)
-        if self.input_part is not None:
-            groups[INPUT_SITE] = self.input_part
-        for site, part in groups.items():
+        for site, part in self.all_parts().items():
             own = part.state_dict()
             part.load_state_dict({k: tensors[f"{site}.{k}"].to(v.dtype) for k, v in own.items()})
+
+
+def _keyed_state(parts: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """``<site>.<tensor>`` -> tensor over every part: the keys of adapter files."""
+    return {f"{s}.{k}": v for s, part in parts.items() for k, v in part.state_dict().items()}
 
 
 class AdapterModel(nn.Module):
@@ -77,26 +81,26 @@ class AdapterModel(nn.Module):
 
     # ------------------------------------------------------------------ running
     def forward(self, *args, **kwargs):
-        prompts = [n for n in self.state.active if n in self.input_parts]
-        if prompts:
-            if args:
-                if "input_ids" in kwargs or len(args) > 1:
-                    raise TypeError("with a prompt adapter active, pass inputs as keyword arguments")
-                kwargs["input_ids"] = args[0]
-                args = ()
-            for name in prompts:
-                kwargs = self.input_parts[name].prepare(self.model, kwargs)
+        args, kwargs = self._with_prompts(args, kwargs, "prepare")
         return self.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
-        prompts = [n for n in self.state.active if n in self.input_parts]
-        if prompts:
-            if args:
-                kwargs["input_ids"] = args[0]
-                args = ()
-            for name in prompts:
-                kwargs = self.input_parts[name].prepare_generate(self.model, kwargs)
+        args, kwargs = self._with_prompts(args, kwargs, "prepare_generate")
         return self.model.generate(*args, **kwargs)
+
+    def _with_prompts(self, args: tuple, kwargs: dict, how: str) -> tuple[tuple, dict]:
+        """The call's inputs with every active input-level part (prompt) applied; these
+        act on the model's inputs, so they run here rather than at a site."""
+        prompts = [n for n in self.state.active if n in self.input_parts]
+        if not prompts:
+            return args, kwargs
+        if args:
+            if "input_ids" in kwargs or len(args) > 1:
+                raise TypeError("with a prompt adapter active, pass inputs as keyword arguments")
+            kwargs = {**kwargs, "input_ids": args[0]}
+        for name in prompts:
+            kwargs = getattr(self.input_parts[name], how)(self.model, kwargs)
+        return (), kwargs
 
     def __getattr__(self, name):
         try:
@@ -147,7 +151,7 @@ class AdapterModel(nn.Module):
             sites = resolve_targets(self.model, config.targets, spec.accepts, what, exclude=set(saved))
             clash = sorted(set(sites) & set(saved))
             if clash:
-                raise AdapterNameError(f"{what}: {clash[0]!r} is both a target and in modules_to_save")
+                raise TargetError(f"{what}: {clash[0]!r} is both a target and in modules_to_save")
             for site in sites:
                 plan.parts[site] = spec.make_part(modules[site], config, site)
             plan.record.sites = sites
@@ -157,9 +161,8 @@ class AdapterModel(nn.Module):
 
     def install(self, plan: Plan) -> None:
         name = plan.record.name
-        for part in list(plan.parts.values()) + [plan.input_part]:
-            if part is not None:
-                part.train(self.model.training)  # new parts follow the model's train/eval mode
+        for part in plan.all_parts().values():
+            part.train(self.model.training)  # new parts follow the model's train/eval mode
         for site, part in plan.parts.items():
             wrap_site(self.model, site, self.state).adapters[name] = part
         if plan.input_part is not None:
@@ -204,7 +207,7 @@ class AdapterModel(nn.Module):
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """File key -> tensor for everything the adapter saves (parameters and buffers)."""
-        return {f"{s}.{k}": v for s, part in self.parts(name).items() for k, v in part.state_dict().items()}
+        return _keyed_state(self.parts(name))
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         return {f"{s}.{k}": p for s, part in self.parts(name).items() for k, p in part.named_parameters()}

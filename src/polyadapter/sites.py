@@ -16,12 +16,11 @@ from torch import nn
 
 from .errors import TargetError
 
-try:  # Hugging Face's transposed linear (GPT-2); optional.
+try:  # Hugging Face's transposed linear layer (GPT-2), which stores its weight as (in, out)
     from transformers.pytorch_utils import Conv1D
-except Exception:  # pragma: no cover - transformers is a core dependency
-    Conv1D = ()
-
-LINEAR_TYPES = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
+    LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D)
+except ImportError:  # pragma: no cover - transformers is a dependency
+    LINEAR_TYPES = (nn.Linear,)
 
 
 class Site(nn.Module):
