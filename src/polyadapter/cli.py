@@ -91,18 +91,11 @@ def _parse_set(items: list[str]) -> dict:
 
 
 def _read_config(path: str | None) -> dict:
+    """Config fields from a JSON file (``--config``)."""
     if path is None:
         return {}
-    p = Path(path)
-    if not p.is_file():
-        raise CLIError(f"{p}: config file not found")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CLIError(f"{p}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CLIError(f"{p}: expected a JSON object of config fields, found {type(data).__name__}")
-    return data
+    from .formats.files import read_json
+    return read_json(Path(path))
 
 
 def adapter_folder(path: str | Path) -> Path:

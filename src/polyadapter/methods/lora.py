@@ -89,15 +89,20 @@ class LoraPart(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """The update's contribution to the site output for input ``x``."""
+        return self._unscaled_delta(x) * self.scaling
+
+    def _unscaled_delta(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_embedding:
-            return F.embedding(x, self.lora_A.T) @ self.lora_B.T * self.scaling
+            return F.embedding(x, self.lora_A.T) @ self.lora_B.T
         out = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
         if self.pissa:
             out = out - F.linear(F.linear(x, self.lora_A0), self.lora_B0)
-        return out * self.scaling
+        return out
 
     def apply(self, inner, x):
-        return inner(x) + self.delta(x).to(x.dtype if x.is_floating_point() else self.lora_B.dtype)
+        y = inner(x)
+        # One fused add-with-scale: no separate scaled temporary the size of the output.
+        return torch.add(y, self._unscaled_delta(x).to(y.dtype), alpha=self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """The update in the base weight's own layout."""
