@@ -206,7 +206,7 @@ def test_train_errors(tmp_path, capsys):
     assert_one_line_error(code, err, "PEFT's format cannot hold a prompt adapter")
     code, _, err = run_cli(capsys, "train", "--data", data, "--config", tmp_path / "none.json",
                            "--out", tmp_path / "o", *TINY)
-    assert_one_line_error(code, err, "config file not found")
+    assert_one_line_error(code, err, "none.json: file not found")
 
 
 def test_entry_point_exit_codes(tmp_path):
