@@ -296,3 +296,19 @@ def test_prompt_beside_a_lora_on_the_embeddings(llama):
     assert stacked.shape[1] == inputs["input_ids"].shape[1] + 2
     pm.set_active("p")
     assert not torch.allclose(output_of(pm, inputs), stacked)
+
+
+@torch.no_grad()
+def test_generate_keeps_the_active_adapter_at_every_step(llama):
+    pm = pa.AdapterModel(llama)
+    prompt = make_inputs("llama")
+    bare = pm.generate(**prompt, max_new_tokens=6, do_sample=False)
+    pm.add_adapter("a", {"method": "lora", "r": 4, "targets": ["all-linear"]})
+    perturb(pm, "a", seed=5)
+    adapted = pm.generate(**prompt, max_new_tokens=6, do_sample=False)
+    assert not torch.equal(adapted, bare)
+    pm.merge_adapter("a")  # the same model with the update in the weights decodes the same tokens
+    assert torch.equal(pm.generate(**prompt, max_new_tokens=6, do_sample=False), adapted)
+    pm.unmerge_adapter("a")
+    pm.set_active(None)
+    assert torch.equal(pm.generate(**prompt, max_new_tokens=6, do_sample=False), bare)

@@ -177,9 +177,7 @@ def _accepts(module: nn.Module) -> bool:
         return True
     if any(isinstance(m, nn.Embedding) for m in module.modules()):
         return False
-    if not any(isinstance(m, LINEAR_TYPES) for m in module.modules()):
-        return False
-    try:
+    try:  # raises when the module holds no Linear layer to tell its widths
         module_dims(module)
     except TargetError:
         return False
