@@ -30,7 +30,7 @@ from .sites import unwrap as unwrap_site
 from .sites import wrap as wrap_site
 from .state import AdapterRecord, AdapterState
 
-_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")  # also keys of nn.ModuleDict: no dots
 INPUT_SITE = "input_embeddings"  # file-key prefix of input-level parts (prompt tuning)
 
 
@@ -132,7 +132,7 @@ class AdapterModel(nn.Module):
 
     def plan_adapter(self, name: str, config: AdapterConfig | dict) -> Plan:
         """Build an adapter's parts without touching the model (used by add and load)."""
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
+        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
             raise AdapterNameError(
                 f"adapter name {name!r} is invalid: use 1-64 letters, digits, '_' or '-'")
         if name in self.state.adapters:

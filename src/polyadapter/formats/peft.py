@@ -88,7 +88,6 @@ _LORA_EMB_KEY = re.compile(r"(?P<site>.+)\.lora_embedding_(?P<param>A|B)(?:\.(?P
 _IA3_KEY = re.compile(r"(?P<site>.+)\.ia3_l(?:\.(?P<adapter>[^.]+))?")
 _SAVED_NAMED_KEY = re.compile(r"(?P<module>.+)\.modules_to_save\.(?P<adapter>[^.]+)\.(?P<param>.+)")
 _BASE_COPY_KEY = re.compile(r"(?P<module>.+)\.(?:base_layer|original_module)\.(?P<param>.+)")
-_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
 
 # ====================================================================== PEFT -> ours
@@ -590,7 +589,8 @@ def _check_base_copies(model, copies: dict[str, torch.Tensor], where: str, stray
 
 def _name_from(path: Path) -> str:
     name = re.sub(r"[^A-Za-z0-9_\-]", "_", Path(path).resolve().name)[:64]
-    return name if _NAME.fullmatch(name) else "default"
+    from ..model import ADAPTER_NAME
+    return name if ADAPTER_NAME.fullmatch(name) else "default"
 
 
 # ====================================================================== file level
