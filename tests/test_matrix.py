@@ -312,3 +312,16 @@ def test_generate_keeps_the_active_adapter_at_every_step(llama):
     pm.unmerge_adapter("a")
     pm.set_active(None)
     assert torch.equal(pm.generate(**prompt, max_new_tokens=6, do_sample=False), bare)
+
+
+@pytest.mark.parametrize("case", [c for c, (_, families, _, _) in CASES.items() if "llama" in families])
+def test_a_bfloat16_base_trains_every_method(case):
+    base = make_model("llama").to(torch.bfloat16)
+    pm = pa.AdapterModel(base)
+    pm.add_adapter("a", config_for(case, "llama"))
+    params = pm.train_adapter("a")
+    assert {p.dtype for p in params} == {torch.bfloat16}  # parts follow the base's dtype
+    out = output_of(pm, make_inputs("llama"))
+    assert out.dtype == torch.bfloat16
+    out.float().pow(2).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
