@@ -93,9 +93,6 @@ def test_info_errors(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- convert
 def test_convert_round_trip(tmp_path, capsys):
-    from polyadapter import formats
-    if not hasattr(formats, "convert"):
-        pytest.skip("polyadapter.formats.convert is not written yet")
     src = saved_tiny_adapter(tmp_path)
     code, _, err = run_cli(capsys, "convert", "--to", "peft", src, tmp_path / "as-peft")
     assert code == 0, err
@@ -113,9 +110,6 @@ def test_convert_round_trip(tmp_path, capsys):
 
 
 def test_convert_errors(tmp_path, capsys):
-    from polyadapter import formats
-    if not hasattr(formats, "convert"):
-        pytest.skip("polyadapter.formats.convert is not written yet")
     code, _, err = run_cli(capsys, "convert", "--to", "peft", tmp_path / "nope", tmp_path / "dst")
     assert_one_line_error(code, err, "nope")
     src = saved_tiny_adapter(tmp_path)

@@ -8,7 +8,7 @@ import torch
 import polyadapter as pa
 from polyadapter.basemodels import load_classifier
 
-peft = pytest.importorskip("peft")
+import peft  # noqa: E402  the peer we check parity against (a test dependency)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 TEXTS = ["Shares rose sharply after the quarterly results.", "The striker scored twice in the final.",
