@@ -9,6 +9,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import torch
+
 from .. import __version__
 from ..config import config_from_dict
 from ..errors import LoadError, PolyAdapterError
@@ -26,18 +28,27 @@ def is_native(path: Path) -> bool:
 
 def save(model, name: str, path: Path, overwrite: bool = False) -> Path:
     record = model.record(name)
-    tensors = model.adapter_state_dict(name)
+    return write(path, name=name, config=record.config, sites=record.sites, saved_modules=record.saved_modules,
+                 tensors=model.adapter_state_dict(name),
+                 num_parameters=sum(t.numel() for t in model.adapter_parameters(name).values()),
+                 base_model=model.state.base_fingerprint, provenance=record.provenance, overwrite=overwrite)
+
+
+def write(path: Path, *, name: str, config, sites: list[str], saved_modules: list[str],
+          tensors: dict[str, torch.Tensor], num_parameters: int, base_model: dict, provenance: dict,
+          overwrite: bool = False) -> Path:
+    """Write a native folder (atomically) from its parts; ``config`` is a method config."""
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
         "name": name,
-        "config": record.config.to_dict(),
-        "sites": record.sites,
-        "modules_to_save": record.saved_modules,
-        "num_parameters": int(sum(t.numel() for t in model.adapter_parameters(name).values())),
-        "base_model": model.state.base_fingerprint,
-        "provenance": record.provenance,
+        "config": config.to_dict(),
+        "sites": sites,
+        "modules_to_save": saved_modules,
+        "num_parameters": int(num_parameters),
+        "base_model": base_model,
+        "provenance": provenance,
     }
     return write_folder(path, {CONFIG_FILE: meta, WEIGHTS_FILE: tensors}, overwrite=overwrite)
 

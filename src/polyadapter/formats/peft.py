@@ -52,7 +52,6 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
 from ..config import config_from_dict
 from ..errors import ConfigError, LoadError, PolyAdapterError, ShapeMismatchError, TargetError, UnsafeFileError
 from ..sites import matches, matches_any, original_modules
@@ -559,10 +558,7 @@ def load(model, path: Path, name: str | None = None):
     _check_base_copies(model, {**form.base_copies, **form.other}, where, strays=set(form.other))
     check_tensors(form.tensors, plan.state_dict(), where)
     plan.load_tensors(form.tensors)
-    plan.record.provenance = {k: v for k, v in {
-        "source_format": "peft", "peft_version": peft_config.get("peft_version"),
-        "base_model_name_or_path": peft_config.get("base_model_name_or_path"),
-    }.items() if v}
+    plan.record.provenance = _provenance(peft_config)
     model.install(plan)
     return plan.record
 
@@ -585,6 +581,14 @@ def _check_base_copies(model, copies: dict[str, torch.Tensor], where: str, stray
                             f"were targeted or resized) and it differs from this model's "
                             f"(shape {tuple(saved.shape)} vs {tuple(here.shape)}); polyadapter keeps the base "
                             f"frozen, so it cannot load this adapter onto this model")
+
+
+def _provenance(peft_config: dict) -> dict:
+    """What a PEFT file says of where the adapter came from."""
+    return {k: v for k, v in {
+        "source_format": "peft", "peft_version": peft_config.get("peft_version"),
+        "base_model_name_or_path": peft_config.get("base_model_name_or_path"),
+    }.items() if v}
 
 
 def _name_from(path: Path) -> str:
@@ -629,19 +633,7 @@ def peft_to_native_folder(src: Path, dst: Path, overwrite: bool = False) -> Path
         config = config_from_dict(form.config, where=str(src / CONFIG_FILE))
     except ConfigError as e:
         raise LoadError(str(e)) from None
-    meta = {
-        "format": native.FORMAT,
-        "format_version": native.FORMAT_VERSION,
-        "library_version": __version__,
-        "name": _name_from(dst),
-        "config": config.to_dict(),
-        "sites": form.sites,
-        "modules_to_save": form.saved_modules,
-        "num_parameters": int(sum(t.numel() for t in form.tensors.values())),
-        "base_model": {},
-        "provenance": {k: v for k, v in {
-            "source_format": "peft", "peft_version": peft_config.get("peft_version"),
-            "base_model_name_or_path": peft_config.get("base_model_name_or_path"),
-        }.items() if v},
-    }
-    return write_folder(dst, {native.CONFIG_FILE: meta, native.WEIGHTS_FILE: form.tensors}, overwrite=overwrite)
+    return native.write(dst, name=_name_from(dst), config=config, sites=form.sites,
+                        saved_modules=form.saved_modules, tensors=form.tensors,
+                        num_parameters=sum(t.numel() for t in form.tensors.values()), base_model={},
+                        provenance=_provenance(peft_config), overwrite=overwrite)
