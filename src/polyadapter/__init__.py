@@ -1,6 +1,7 @@
 """polyadapter: parameter-efficient, modular transfer learning on any PyTorch model."""
 __version__ = "0.1.0"
 
+from .compose import Average, BatchSplit, Fuse, Parallel, Stack  # noqa: E402
 from .config import AdapterConfig, config_from_dict  # noqa: E402
 from .errors import (  # noqa: E402
     AdapterNameError, ConfigError, LoadError, PolyAdapterError, ShapeMismatchError, StateError,
@@ -8,6 +9,7 @@ from .errors import (  # noqa: E402
 )
 from .methods import METHODS  # noqa: E402
 from .methods.bottleneck import BottleneckConfig  # noqa: E402
+from .methods.fusion import FusionConfig  # noqa: E402
 from .methods.ia3 import IA3Config  # noqa: E402
 from .methods.lora import LoraConfig  # noqa: E402
 from .methods.prompt import PromptConfig  # noqa: E402
@@ -22,7 +24,8 @@ def wrap(model) -> AdapterModel:
 
 __all__ = [
     "AdapterModel", "wrap", "AdapterConfig", "LoraConfig", "IA3Config", "BottleneckConfig",
-    "PromptConfig", "SparseConfig",
+    "PromptConfig", "SparseConfig", "FusionConfig",
+    "Stack", "Parallel", "Fuse", "Average", "BatchSplit",
     "config_from_dict", "METHODS",
     "PolyAdapterError", "ConfigError", "TargetError", "AdapterNameError", "LoadError",
     "ShapeMismatchError", "UnsafeFileError", "StateError",

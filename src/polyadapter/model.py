@@ -20,10 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .compose import ROW_LEVEL, Block, BatchSplit, Stack, is_plain_stack, names_in, normalize, prompt_stack
 from .config import AdapterConfig, config_from_dict
-from .errors import AdapterNameError, StateError, TargetError
+from .errors import AdapterNameError, ConfigError, StateError, TargetError
 from .fingerprint import fingerprint
 from .methods import method_spec
+from .methods.prompt import prepare_rows
+from .mixed import RowPlan, replicate_inputs, split_outputs
 from .saved_modules import ModuleCopy
 from .sites import Site, original_modules, resolve_targets, sites_of
 from .sites import unwrap as unwrap_site
@@ -80,24 +83,83 @@ class AdapterModel(nn.Module):
             base_fingerprint=fingerprint(dict(model.named_parameters()), model)))
 
     # ------------------------------------------------------------------ running
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, adapter_names: list | None = None, **kwargs):
+        """Run the model under the active setup, or — with ``adapter_names``, one setup
+        per row (an adapter name, a block, or None for the bare base) — run a mixed
+        batch. A ``Parallel`` setup returns one output per child."""
+        args, kwargs, k, batch = self._begin_call(args, kwargs, adapter_names)
         args, kwargs = self._with_prompts(args, kwargs, "prepare")
-        return self.model(*args, **kwargs)
+        out = self.model(*args, **kwargs)
+        return split_outputs(out, batch, k) if k else out
 
-    def generate(self, *args, **kwargs):
+    def generate(self, *args, adapter_names: list | None = None, **kwargs):
+        """Hugging Face ``generate``; with ``adapter_names`` every sequence keeps its own
+        setup through all decoding steps (beams included)."""
+        args, kwargs, k, batch = self._begin_call(args, kwargs, adapter_names)
         args, kwargs = self._with_prompts(args, kwargs, "prepare_generate")
-        return self.model.generate(*args, **kwargs)
+        out = self.model.generate(*args, **kwargs)
+        return split_outputs(out, batch, k) if k else out
+
+    def _begin_call(self, args: tuple, kwargs: dict, adapter_names) -> tuple[tuple, dict, int, int]:
+        """Resolve this call's per-row setups into ``state.rows`` (None when every row
+        runs the active setup). Returns the (possibly replicated) inputs, the Parallel
+        width (0 when not Parallel) and the caller's batch size.
+
+        The row plan stays on the state after the call, so gradient checkpointing's
+        recompute during backward sees it; the next call replaces it."""
+        self.state.rows = None
+        setup = self.state.setup
+        if adapter_names is None and not isinstance(setup, ROW_LEVEL):
+            return args, kwargs, 0, 0
+        batch = _batch_size(args, kwargs)
+        k = 0
+        if adapter_names is not None:
+            rows = self._row_setups(adapter_names, batch)
+        elif isinstance(setup, BatchSplit):
+            if sum(setup.batch_sizes) != batch:
+                raise StateError(f"{setup!r} covers {sum(setup.batch_sizes)} rows but the batch has {batch}")
+            rows = [c for c, b in zip(setup.children, setup.batch_sizes) for _ in range(b)]
+        else:  # Parallel: the batch runs once per child, side by side
+            k = len(setup.children)
+            args, kwargs = replicate_inputs(args, kwargs, batch, k)
+            rows = [c for c in setup.children for _ in range(batch)]
+        self.state.rows = RowPlan.build(rows, _device_of(self.model))
+        return args, kwargs, k, batch
+
+    def _row_setups(self, adapter_names, batch: int) -> list:
+        if isinstance(adapter_names, (str, Block)) or not hasattr(adapter_names, "__len__"):
+            raise ConfigError(f"adapter_names must be a list with one setup per row; found {adapter_names!r}")
+        if len(adapter_names) != batch:
+            raise ConfigError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} rows")
+        out, seen = [], {}
+        for i, entry in enumerate(adapter_names):
+            if isinstance(entry, ROW_LEVEL):
+                raise ConfigError(f"adapter_names[{i}] is {type(entry).__name__}: it acts on the whole batch, "
+                                  f"so it cannot be one row's setup; use set_active({type(entry).__name__}(...))")
+            key = entry if isinstance(entry, (str, type(None))) else repr(entry)
+            if key not in seen:
+                seen[key] = normalize(entry, self.state, top=False)
+            out.append(seen[key])
+        return out
 
     def _with_prompts(self, args: tuple, kwargs: dict, how: str) -> tuple[tuple, dict]:
-        """The call's inputs with every active input-level part (prompt) applied; these
+        """The call's inputs with the active input-level parts (prompts) applied; these
         act on the model's inputs, so they run here rather than at a site."""
-        prompts = [n for n in self.state.active if n in self.input_parts]
+        plan = self.state.rows
+        if plan is None:
+            per_row = None
+            prompts = prompt_stack(self.state.setup, self.state)
+        else:
+            per_row = [[self.input_parts[n] for n in prompt_stack(s, self.state)] for s in plan.setups]
+            prompts = sorted({n for s in plan.setups for n in prompt_stack(s, self.state)})
         if not prompts:
             return args, kwargs
         if args:
             if "input_ids" in kwargs or len(args) > 1:
                 raise TypeError("with a prompt adapter active, pass inputs as keyword arguments")
             kwargs = {**kwargs, "input_ids": args[0]}
+        if per_row is not None:
+            return (), prepare_rows(self.model, kwargs, per_row, generate=how == "prepare_generate")
         for name in prompts:
             kwargs = getattr(self.input_parts[name], how)(self.model, kwargs)
         return (), kwargs
@@ -183,18 +245,22 @@ class AdapterModel(nn.Module):
         if name in self.input_parts:
             del self.input_parts[name]
         del self.state.adapters[name]
-        self.state.active = tuple(n for n in self.state.active if n != name)
+        if name in self.state.active:  # drop it from the active setup (a Stack of names keeps the rest)
+            setup = self.state.setup
+            rest = [n for n in names_in(setup) if n != name] if is_plain_stack(setup) else []
+            self.set_active(*rest)
 
-    def set_active(self, *names: str | None) -> None:
-        """Activate adapters. Several names stack: the first acts nearest the base."""
-        if len(names) == 1 and isinstance(names[0], (list, tuple)):
-            names = tuple(names[0])
-        names = tuple(n for n in names if n is not None)
-        for n in names:
-            self.record(n)
-        if len(set(names)) != len(names):
-            raise AdapterNameError(f"an adapter appears twice in the active setup {names}")
-        self.state.active = names
+    def set_active(self, *setups) -> None:
+        """Choose the setup for the following calls: an adapter name, a composition
+        block (Stack, Parallel, Fuse, Average, BatchSplit), several of them (a Stack:
+        the first acts nearest the base), or nothing (the bare base)."""
+        if len(setups) == 1 and isinstance(setups[0], list):
+            setups = tuple(setups[0])
+        setups = tuple(s for s in setups if s is not None)
+        setup = None if not setups else setups[0] if len(setups) == 1 else Stack(*setups)
+        setup = normalize(setup, self.state)
+        self.state.setup = setup
+        self.state.active = tuple(names_in(setup))
 
     def parts(self, name: str) -> dict[str, nn.Module]:
         """Site name -> this adapter's part at that site (saved modules included)."""
@@ -327,6 +393,22 @@ def _tied_weights(model: nn.Module, parts: dict, sites: dict) -> tuple[str, str]
         if others:
             return s, others[0]
     return None
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    """The call's batch size: the first dimension of its first tensor input."""
+    for key in ("input_ids", "inputs_embeds", "pixel_values", "input_values"):
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key].shape[0]
+    for v in list(args) + list(kwargs.values()):
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return v.shape[0]
+    raise ConfigError("a mixed batch needs tensor inputs to tell the batch size; found none")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def _is_adapter_param(name: str) -> bool:

@@ -12,9 +12,12 @@ import re
 from functools import partial
 from typing import Callable, Iterator
 
+import torch
 from torch import nn
 
+from .compose import apply_setup
 from .errors import TargetError
+from .mixed import apply_rows
 
 try:  # Hugging Face's transposed linear layer (GPT-2), which stores its weight as (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -24,12 +27,13 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 
 
 class Site(nn.Module):
-    """One wrapped module. Runs the base, then the active adapters present here.
+    """One wrapped module. Runs the base, then the active setup's adapters present here.
 
-    Adapters at a site are nested: each adapter part gets a function computing
-    everything inside it (the base, or the adapter before it in a stack) and the
-    site input, and returns the new output. ``state`` is the model's shared
-    :class:`~polyadapter.state.AdapterState`; it is kept out of the module tree.
+    ``state`` is the model's shared :class:`~polyadapter.state.AdapterState`, kept
+    out of the module tree. With one setup for the whole batch the site evaluates it
+    with :func:`~polyadapter.compose.apply_setup`; for a mixed batch (``state.rows``)
+    with :func:`~polyadapter.mixed.apply_rows`, which reads this site's *banks*: the
+    stacked weights of every adapter of one kind here, cached until they change.
     """
 
     def __init__(self, base: nn.Module, name: str, state):
@@ -39,25 +43,54 @@ class Site(nn.Module):
         self.merged: list[str] = []
         object.__setattr__(self, "site_name", name)
         object.__setattr__(self, "state", state)
+        object.__setattr__(self, "_banks", {})
 
     def forward(self, x, *args, **kwargs):
-        fn = partial(_call_base, self.base, args, kwargs)
-        for name in self.state.active_names():
-            part = self.adapters[name] if name in self.adapters else None
-            if part is None or name in self.merged:
-                continue
-            if getattr(part, "replaces_base", False):  # a trained copy of the module itself
-                fn = partial(_call_base, part.module, args, kwargs)
-            else:
-                fn = partial(part.apply, fn)
-        return fn(x)
+        call = partial(_call_module, args, kwargs)
+        inner = partial(call, self.base)
+        if self.state.rows is not None:
+            return apply_rows(self.state.rows, self, inner, x, call)
+        return apply_setup(self.state.setup, self, inner, x, call)
+
+    # -------------------------------------------------------------- banks
+    def bucket_names(self, key) -> list[str]:
+        """Adapters here (unmerged) whose parts stack into the bank ``key``, in slot order."""
+        return [n for n, p in self.adapters.items()
+                if n not in self.merged and getattr(p, "row_role", None) and p.bucket_key() == key]
+
+    def bank(self, key) -> dict[str, torch.Tensor]:
+        """The stacked tensors of bucket ``key``: cached for inference, rebuilt (and so
+        differentiable) whenever gradients are on and a part's tensors require them."""
+        names = self.bucket_names(key)
+        parts = [self.adapters[n] for n in names]
+        tensors = [t for p in parts for t in p.parameters()]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return type(parts[0]).stack_bank(parts)
+        signature = (tuple(names), tuple((id(t), t._version) for t in tensors))
+        cached = self._banks.get(key)
+        if cached is None or cached[0] != signature:
+            with torch.no_grad():
+                cached = (signature, type(parts[0]).stack_bank(parts))
+            self._banks[key] = cached
+        return cached[1]
+
+    def bank_apply(self, key, t, out, rows, slots, in_place: bool):
+        """``out`` plus (or replaced by) the bucket's contribution computed from ``t``,
+        for ``rows`` (None: every row) using bank ``slots``."""
+        owner = type(self.adapters[self.bucket_names(key)[0]])
+        bank = self.bank(key)
+        if rows is None:
+            return owner.bank_forward(bank, t, out, slots, in_place, self.training)
+        sub = owner.bank_forward(bank, t.index_select(0, rows), out.index_select(0, rows), slots, True,
+                                 self.training)
+        return out.index_copy_(0, rows, sub) if in_place else out.index_copy(0, rows, sub)
 
     def extra_repr(self) -> str:
         return f"site={self.site_name!r}, merged={self.merged}"
 
 
-def _call_base(base, args, kwargs, x):
-    return base(x, *args, **kwargs)
+def _call_module(args, kwargs, module, x):
+    return module(x, *args, **kwargs)
 
 
 def iter_sites_and_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:

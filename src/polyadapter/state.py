@@ -1,4 +1,5 @@
-"""The adapter state every Site reads: which adapters exist and which are active.
+"""The adapter state every Site reads: which adapters exist, the active setup, and
+(during a mixed-batch call) every row's setup.
 
 It lives on the model object (``AdapterModel.state``) and every Site holds a
 reference to the same object, so a forward pass re-run by gradient checkpointing
@@ -21,8 +22,7 @@ class AdapterRecord:
 @dataclass
 class AdapterState:
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)
-    active: tuple[str, ...] = ()        # applied in order: active[0] is innermost
+    setup: object = None                # the active setup: a name, a block tree or None
+    active: tuple[str, ...] = ()        # every adapter name the setup uses
     base_fingerprint: dict = field(default_factory=dict)
-
-    def active_names(self) -> tuple[str, ...]:
-        return self.active
+    rows: object = None                 # a mixed batch's RowPlan, only during a call

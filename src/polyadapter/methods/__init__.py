@@ -52,8 +52,8 @@ def with_preset_targets(model: nn.Module, config: AdapterConfig, key: str) -> Ad
 
 
 def _registry() -> dict[str, MethodSpec]:
-    from . import bottleneck, ia3, lora, prompt, sparse
-    specs = [lora.SPEC, ia3.SPEC, bottleneck.SPEC, prompt.SPEC, sparse.SPEC]
+    from . import bottleneck, fusion, ia3, lora, prompt, sparse
+    specs = [lora.SPEC, ia3.SPEC, bottleneck.SPEC, prompt.SPEC, sparse.SPEC, fusion.SPEC]
     return {s.name: s for s in specs}
 
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..errors import TargetError
+from ..kernels import gathered_linear
 from ..sites import LINEAR_TYPES, module_dims
 from . import MethodSpec, with_preset_targets
 
@@ -158,6 +159,48 @@ class BottleneckPart(nn.Module):
         else:
             new = self.delta(first).to(first.dtype)
         return new if rest is None else (new,) + rest
+
+
+    # -------------------------------------------------------- mixed batches
+    @property
+    def row_role(self) -> str:
+        """Parallel adapters read the site input, sequential ones its output."""
+        return "delta_in" if self.parallel else "delta_out"
+
+    def bucket_key(self) -> tuple:
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+        return ("bottleneck", self.parallel, self.residual, type(self.act).__name__, self.in_width,
+                self.down.out_features, self.out_width, p, self.down.weight.dtype)
+
+    @staticmethod
+    def stack_bank(parts: list["BottleneckPart"]) -> dict:
+        first = parts[0]
+        w = first.down.weight
+        return {
+            "down": torch.stack([p.down.weight for p in parts]), "down_bias": torch.stack([p.down.bias for p in parts]),
+            "up": torch.stack([p.up.weight for p in parts]), "up_bias": torch.stack([p.up.bias for p in parts]),
+            "scale": torch.stack([torch.as_tensor(p.scale, dtype=w.dtype, device=w.device) for p in parts]),
+            "act": first.act, "residual": first.residual, "site": first.site,
+            "dropout": first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0,
+        }
+
+    @staticmethod
+    def bank_forward(bank: dict, h, out, slots, in_place: bool, training: bool):
+        """``out`` plus (or, without residual, replaced by) every row's own adapter
+        output for adapter input ``h`` (rows choose bank ``slots``)."""
+        n, width = h.shape[0], bank["down"].shape[2]
+        if h.shape[-1] != width:
+            raise TargetError(f"bottleneck adapter at site {bank['site']!r}: expected the adapter input's last "
+                              f"dimension to be {width}, found shape {tuple(h.shape)}")
+        h3 = h.reshape(n, -1, width).to(bank["down"].dtype)
+        if training and bank["dropout"] > 0:
+            h3 = torch.nn.functional.dropout(h3, bank["dropout"], training=True)
+        mid = bank["act"](gathered_linear(h3, bank["down"], slots, bias=bank["down_bias"]))
+        delta = gathered_linear(mid, bank["up"], slots, bias=bank["up_bias"], scale=bank["scale"])
+        delta = delta.view(out.shape).to(out.dtype)
+        if not bank["residual"]:
+            return delta
+        return out.add_(delta) if in_place else out + delta
 
 
 def _split(y, site: str):

@@ -48,6 +48,18 @@ class IA3Part(nn.Module):
         y = inner(x)
         return y * scale.to(y.dtype)
 
+    # mixed batches (see polyadapter.mixed): a per-row scale on the input or output
+    @property
+    def row_role(self) -> str:
+        return "in_scale" if self.is_feedforward else "out_scale"
+
+    def bucket_key(self) -> tuple:
+        return ("ia3", self.is_feedforward, self.ia3_l.numel(), self.ia3_l.dtype)
+
+    @staticmethod
+    def stack_bank(parts: list["IA3Part"]) -> dict:
+        return {"scale": torch.stack([p.ia3_l.flatten() for p in parts])}
+
     def _weight_scale(self) -> torch.Tensor:
         # ia3_l broadcast over the weight in its stored layout: (out, in), or (in, out) for Conv1D.
         return self.ia3_l.T if self.is_conv1d else self.ia3_l

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..errors import ConfigError
+from ..kernels import lora_delta
 from ..sites import LINEAR_TYPES, linear_dims
 from . import MethodSpec, with_preset_targets
 
@@ -104,6 +105,57 @@ class LoraPart(nn.Module):
         # One fused add-with-scale: no separate scaled temporary the size of the output.
         return torch.add(y, self._unscaled_delta(x).to(y.dtype), alpha=self.scaling)
 
+    # -------------------------------------------------------- mixed batches
+    row_role = "delta_in"  # adds an update computed from the site input (see polyadapter.mixed)
+
+    def bucket_key(self) -> tuple:
+        """Parts with equal keys stack into one bank: same shapes, so different ranks
+        get their own banks and no adapter is padded to another's rank."""
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+        return ("lora", tuple(self.lora_A.shape), self.lora_B.shape[0], self.is_embedding, self.pissa, p,
+                self.lora_A.dtype)
+
+    @staticmethod
+    def stack_bank(parts: list["LoraPart"]) -> dict:
+        first = parts[0]
+        bank = {
+            "A": torch.stack([p.lora_A for p in parts]),
+            "B": torch.stack([p.lora_B for p in parts]),
+            "scale": torch.tensor([p.scaling for p in parts], dtype=torch.float32, device=first.lora_A.device),
+            "dropout": first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0,
+            "embedding": first.is_embedding,
+        }
+        if first.pissa:
+            bank["A0"] = torch.stack([p.lora_A0 for p in parts])
+            bank["B0"] = torch.stack([p.lora_B0 for p in parts])
+        if first.is_embedding:  # rows of A.T for every (slot, token id), one lookup table
+            bank["A_rows"] = bank["A"].transpose(1, 2).reshape(-1, bank["A"].shape[1])
+        return bank
+
+    @staticmethod
+    def bank_forward(bank: dict, x, out, slots, in_place: bool, training: bool):
+        """``out`` plus every row's own LoRA update (rows choose bank ``slots``)."""
+        n = x.shape[0]
+        out3 = out.reshape(n, -1, out.shape[-1])
+        if bank["embedding"]:
+            vocab = bank["A"].shape[2]
+            h = F.embedding(x.reshape(n, -1) + (slots * vocab)[:, None], bank["A_rows"])     # (n, L, r)
+            h = h * bank["scale"].index_select(0, slots).to(h.dtype)[:, None, None]
+            delta = torch.bmm(h, bank["B"].index_select(0, slots).transpose(1, 2)).to(out.dtype)
+            return out + delta.view(out.shape)
+        x3 = x.reshape(n, -1, x.shape[-1])
+        xd = F.dropout(x3, bank["dropout"], training=True) if training and bank["dropout"] > 0 else x3
+        if in_place and out3.data_ptr() == out.data_ptr():
+            res = lora_delta(xd, bank["A"], bank["B"], slots, bank["scale"], out=out3)
+            if "A0" in bank:
+                res = lora_delta(x3, bank["A0"], bank["B0"], slots, -bank["scale"], out=res)
+            return res.view(out.shape)
+        delta = lora_delta(xd, bank["A"], bank["B"], slots, bank["scale"])
+        if "A0" in bank:
+            delta = delta - lora_delta(x3, bank["A0"], bank["B0"], slots, bank["scale"])
+        return out + delta.view(out.shape).to(out.dtype)
+
+    # -------------------------------------------------------- weight space
     def delta_weight(self) -> torch.Tensor:
         """The update in the base weight's own layout."""
         w = self.lora_B @ self.lora_A

@@ -164,14 +164,7 @@ class PromptPart(nn.Module):
             raise PolyAdapterError(
                 "prompt tuning does not support explicit position_ids: the prompt shifts every position; "
                 "leave position_ids unset and let the model derive them from the attention mask")
-        input_ids = kwargs.pop("input_ids", None)
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
-            if input_ids is None:
-                raise PolyAdapterError("prompt tuning needs input_ids or inputs_embeds among the model's inputs")
-            embeds = model.get_input_embeddings()(input_ids)
-        elif input_ids is not None:
-            raise PolyAdapterError("pass input_ids or inputs_embeds, not both")
+        embeds = _input_embeds(model, kwargs)
         batch, length = embeds.shape[:2]
         n = self.num_virtual_tokens
         prompt = self.embeddings.to(device=embeds.device, dtype=embeds.dtype)
@@ -188,6 +181,95 @@ class PromptPart(nn.Module):
         if types is not None:
             kwargs["token_type_ids"] = torch.cat([types.new_zeros(types.shape[0], n), types], dim=1)
         return kwargs
+
+
+def prepare_rows(model: nn.Module, kwargs: dict, row_prompts: list[list[PromptPart]], generate: bool) -> dict:
+    """Keyword arguments for a mixed batch in which row ``i`` gets the prompts
+    ``row_prompts[i]`` (innermost first; several prompts on a row stack as with one
+    setup, and a row may have none).
+
+    When the rows' prompt lengths differ, the shorter ones are padded (attention mask 0
+    over the padding) so that each row's prompt and tokens sit where they would alone:
+
+    - models that generate (decoders): padding goes on the left of the row's prompt and
+      ``position_ids`` come from the mask, as in Hugging Face generation, so every
+      row's real tokens stay aligned with the caller's and the last position is each
+      row's last token;
+    - other models (encoders, which often pool the first position): padding goes after
+      the row's tokens, so every row starts with its own prompt at position 0; row
+      ``i``'s tokens then start at offset ``len(prompt_i)``, and token-level labels
+      are shifted with them."""
+    kwargs = dict(kwargs)
+    if kwargs.get("position_ids") is not None:
+        raise PolyAdapterError(
+            "prompt tuning does not support explicit position_ids: the prompt shifts every position; "
+            "leave position_ids unset and let the model derive them from the attention mask")
+    embeds = _input_embeds(model, kwargs)
+    batch, length, hidden = embeds.shape
+    if len(row_prompts) != batch:
+        raise PolyAdapterError(f"mixed batch: {len(row_prompts)} row setups for a batch of {batch}")
+    prefixes = [torch.cat([p.embeddings for p in reversed(parts)], dim=0).to(device=embeds.device,
+                                                                            dtype=embeds.dtype)
+                if parts else embeds.new_zeros(0, hidden) for parts in row_prompts]
+    lengths = [t.shape[0] for t in prefixes]
+    n = max(lengths)
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
+    elif mask.dim() != 2:
+        raise PolyAdapterError(
+            f"prompt tuning needs a 2-D attention_mask (batch, tokens); found shape {tuple(mask.shape)}")
+    left = _generates(model)
+
+    def padded(prefix, row, fill, pad_value):
+        """One row: prompt, then the row itself, padded to ``n + length``."""
+        gap = fill.new_full((n - prefix.shape[0],) + tuple(fill.shape[1:]), pad_value)
+        return torch.cat([gap, prefix, row] if left else [prefix, row, gap], dim=0)
+
+    ones = [mask.new_ones(m) for m in lengths]
+    zeros_h = embeds.new_zeros(1, hidden)
+    kwargs["inputs_embeds"] = torch.stack([padded(p, e, zeros_h, 0) for p, e in zip(prefixes, embeds)])
+    kwargs["attention_mask"] = torch.stack([padded(o, m, mask[:1, 0], 0) for o, m in zip(ones, mask)])
+    types = kwargs.get("token_type_ids")
+    if types is not None:
+        kwargs["token_type_ids"] = torch.stack([padded(t.new_zeros(m), t, t[:1], 0)
+                                                for m, t in zip(lengths, types)])
+    if len(set(lengths)) > 1 and left and not generate and _accepts(model, "position_ids"):
+        kwargs["position_ids"] = (kwargs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+    labels = kwargs.get("labels")
+    if (not generate and isinstance(labels, torch.Tensor) and not labels.is_floating_point()
+            and labels.dim() == 2 and tuple(labels.shape) == (batch, length)):
+        kwargs["labels"] = torch.stack([padded(labels.new_full((m,), IGNORE_INDEX), lab, lab[:1], IGNORE_INDEX)
+                                        for m, lab in zip(lengths, labels)])
+    return kwargs
+
+
+def _generates(model: nn.Module) -> bool:
+    can = getattr(model, "can_generate", None)
+    try:
+        return bool(can()) if callable(can) else False
+    except Exception:  # noqa: BLE001 - a model's own check failing means "no"
+        return False
+
+
+def _input_embeds(model: nn.Module, kwargs: dict) -> torch.Tensor:
+    """Pop ``input_ids`` from ``kwargs`` and return the input embeddings."""
+    input_ids = kwargs.pop("input_ids", None)
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:
+        if input_ids is None:
+            raise PolyAdapterError("prompt tuning needs input_ids or inputs_embeds among the model's inputs")
+        embeds = model.get_input_embeddings()(input_ids)
+    elif input_ids is not None:
+        raise PolyAdapterError("pass input_ids or inputs_embeds, not both")
+    return embeds
+
+
+def _accepts(model: nn.Module, arg: str) -> bool:
+    try:
+        return arg in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 SPEC = MethodSpec(

@@ -1,0 +1,249 @@
+"""Mixed batches: every row of a batch runs its own setup in one forward pass.
+
+A :class:`RowPlan` is built once per call from the rows' setups. Rows whose setup is
+a name or a ``Stack`` of names (the common case) run on the *level* path: level 0 is
+every row's innermost adapter, level 1 the next, and so on (a row with a shorter
+stack has no adapter at the deeper levels). At each site a level runs as a handful
+of batched operations — one per *bucket* (adapters of one method and shape that stack
+into one bank, e.g. all rank-16 LoRAs), never one per adapter:
+
+    x' = x * in_scale[row]              (IA3 on feed-forward inputs)
+    y  = inner(x')                      (the base, or the level beneath)
+    y  = y * out_scale[row]             (IA3)
+    y += delta(x)[row]                  (LoRA, parallel bottleneck: gathered matmuls)
+    y  = y + delta(y)[row]              (sequential bottleneck)
+
+Each row belongs to at most one bucket per level, so for every row this is exactly
+its own adapter's rule. Parts that do not stack into banks (sparse deltas, trained
+module copies) run once per distinct adapter on their rows' sub-batch. Rows whose
+setup holds an ``Average`` or ``Fuse`` are evaluated per distinct setup on their
+sub-batch (after the level path computed them as base rows).
+
+Banks (the stacked weights of one bucket at one site, across *all* adapters there)
+are cached on the site and rebuilt when an adapter's tensors change (parameter
+version counters), or built fresh in every forward when gradients are needed, so
+mixed batches also train.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from .compose import apply_setup, first_tensor, is_plain_stack, stack_names
+from .errors import StateError
+
+
+@dataclass
+class Step:
+    """One bucket's work at one level of one site."""
+
+    role: str                      # in_scale | out_scale | delta_in | delta_out | replace | apply
+    key: object                    # bucket key (bankable roles) or adapter name
+    rows: torch.Tensor | None      # row indices, None for every row
+    slots: torch.Tensor | None     # bank slot per row in ``rows`` (bankable roles)
+
+
+@dataclass
+class RowPlan:
+    setups: list                   # normalized setup per row
+    device: torch.device
+    levels: list[list] = field(default_factory=list)        # level -> adapter name or None per row
+    groups: dict = field(default_factory=dict)              # non-plain setup -> row ids
+    _steps: dict = field(default_factory=dict)
+    _groups_t: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, setups: list, device) -> "RowPlan":
+        plan = cls(list(setups), torch.device(device))
+        depth = max((len(stack_names(s)) for s in setups if is_plain_stack(s)), default=0)
+        plan.levels = [[None] * len(setups) for _ in range(depth)]
+        for i, s in enumerate(setups):
+            if is_plain_stack(s):
+                for level, name in enumerate(stack_names(s)):
+                    plan.levels[level][i] = name
+            else:
+                plan.groups.setdefault(s, []).append(i)
+        return plan
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.setups)
+
+    def factor(self, n: int, site: str) -> int:
+        """How many batch entries each row has at a site (beam search, flattened tokens)."""
+        if n % self.n_rows:
+            raise StateError(f"mixed batch: {self.n_rows} row setups were given but site {site!r} got a batch "
+                             f"of {n}; pass one setup per row of the batch")
+        return n // self.n_rows
+
+    def steps(self, site, level: int, k: int) -> list[Step]:
+        names = self.levels[level]
+        layout = tuple((n, _bucket(site, n)) for n in dict.fromkeys(names) if _present(site, n))
+        cache_key = (level, k, layout)
+        if cache_key not in self._steps:
+            self._steps[cache_key] = _make_steps(site, names, dict(layout), k, self.device)
+        return self._steps[cache_key]
+
+    def group_rows(self, k: int) -> list[tuple[object, torch.Tensor]]:
+        if k not in self._groups_t:
+            self._groups_t[k] = [(s, _expand(torch.tensor(rows, dtype=torch.long), k).to(self.device))
+                                 for s, rows in self.groups.items()]
+        return self._groups_t[k]
+
+
+def _present(site, name) -> bool:
+    return name is not None and name in site.adapters and name not in site.merged
+
+
+def _bucket(site, name):
+    """(role, bucket key) of an adapter's part at a site."""
+    part = site.adapters[name]
+    if getattr(part, "replaces_base", False):
+        return "replace", name
+    role = getattr(part, "row_role", None)
+    if role is None:
+        return "apply", name
+    return role, part.bucket_key()
+
+
+def _expand(rows: torch.Tensor, k: int) -> torch.Tensor:
+    return rows if k == 1 else (rows[:, None] * k + torch.arange(k)).flatten()
+
+
+def _make_steps(site, names: list, layout: dict, k: int, device) -> list[Step]:
+    by_bucket: dict = {}
+    for i, n in enumerate(names):
+        if n in layout:
+            by_bucket.setdefault(layout[n], []).append((i, n))
+    steps = []
+    n_rows = len(names)
+    for (role, key), members in by_bucket.items():
+        rows = torch.tensor([i for i, _ in members], dtype=torch.long)
+        slots = None
+        if role not in ("replace", "apply"):
+            order = site.bucket_names(key)
+            slot_of = {n: j for j, n in enumerate(order)}
+            slots = torch.tensor([slot_of[n] for _, n in members], dtype=torch.long)
+            if k > 1:
+                slots = slots.repeat_interleave(k)
+            slots = slots.to(device)
+        full = len(members) == n_rows
+        steps.append(Step(role, key, None if full else _expand(rows, k).to(device), slots))
+    order = {"in_scale": 0, "out_scale": 1, "delta_in": 2, "apply": 2, "delta_out": 3, "replace": 4}
+    steps.sort(key=lambda s: order[s.role])
+    return steps
+
+
+# ---------------------------------------------------------------------- at a site
+def apply_rows(plan: RowPlan, site, inner, x, call):
+    """The site's output for a mixed batch (see the module docstring)."""
+    k = plan.factor(x.shape[0], site.site_name)
+    fn = inner
+    for level in range(len(plan.levels)):
+        steps = plan.steps(site, level, k)
+        if steps:
+            fn = partial(_apply_level, site, steps, fn, call)
+    y = fn(x)
+    for setup, rows in plan.group_rows(k):
+        sub = x.index_select(0, rows)
+        with _uniform(site.state, setup):  # sites nested in this one see the group's setup
+            ys = apply_setup(setup, site, partial(call, site.base), sub, call)
+        y = _put_rows(y, rows, first_tensor(ys)[0])
+    return y
+
+
+@contextmanager
+def _uniform(state, setup):
+    saved = state.rows, state.setup
+    state.rows, state.setup = None, setup
+    try:
+        yield
+    finally:
+        state.rows, state.setup = saved
+
+
+def _apply_level(site, steps: list[Step], inner, call, x):
+    xin = x
+    scale_in = [s for s in steps if s.role == "in_scale"]
+    if scale_in:
+        xin = x * _row_scales(site, scale_in, x)
+    y = inner(xin)
+    first, rest = first_tensor(y)
+    own = not torch.is_grad_enabled() and first.data_ptr() != x.data_ptr()  # safe to update in place
+    for s in steps:
+        if s.role == "out_scale":
+            first = first * _row_scales(site, [s], first)
+            own = not torch.is_grad_enabled()
+        elif s.role == "delta_in":
+            first = site.bank_apply(s.key, x, first, s.rows, s.slots, in_place=own)
+        elif s.role == "delta_out":
+            first = site.bank_apply(s.key, first, first, s.rows, s.slots, in_place=own)
+        elif s.role == "apply":
+            part = site.adapters[s.key]
+            rows = s.rows
+            sub_x = x if rows is None else x.index_select(0, rows)
+            sub_y = first if rows is None else first.index_select(0, rows)
+            new = first_tensor(part.apply(lambda _x, _y=sub_y: _y, sub_x))[0]
+            first = new if rows is None else _put_rows(first, rows, new)
+        elif s.role == "replace":
+            part = site.adapters[s.key]
+            sub_x = x if s.rows is None else x.index_select(0, s.rows)
+            new = first_tensor(call(part.module, sub_x))[0]
+            first = new if s.rows is None else _put_rows(first, s.rows, new)
+    return first if rest is None else (first,) + rest
+
+
+def _row_scales(site, steps: list[Step], t: torch.Tensor) -> torch.Tensor:
+    """Per-row scale vectors broadcastable against ``t`` (ones for rows outside ``steps``)."""
+    n, width = t.shape[0], t.shape[-1]
+    full = None
+    for s in steps:
+        vals = site.bank(s.key)["scale"].index_select(0, s.slots).to(t.dtype)   # (rows, width)
+        if s.rows is None:
+            full = vals
+        else:
+            if full is None:
+                full = torch.ones(n, width, dtype=t.dtype, device=t.device)
+            full = full.index_copy(0, s.rows, vals)
+    return full.view(n, *([1] * (t.dim() - 2)), width)
+
+
+def _put_rows(y, rows: torch.Tensor, new: torch.Tensor):
+    first, rest = first_tensor(y)
+    first = first.index_copy(0, rows, new.to(first.dtype))
+    return first if rest is None else (first,) + rest
+
+
+# ---------------------------------------------------------------------- Parallel
+def replicate_inputs(args: tuple, kwargs: dict, batch: int, k: int) -> tuple[tuple, dict]:
+    """Every batch-shaped tensor input repeated ``k`` times along the batch (Parallel)."""
+    def rep(v):
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch:
+            return v.repeat(k, *([1] * (v.dim() - 1)))
+        return v
+    return tuple(rep(a) for a in args), {n: rep(v) for n, v in kwargs.items()}
+
+
+def split_outputs(out, batch: int, k: int) -> tuple:
+    """One output per Parallel child: every tensor whose first dimension is ``k*batch``
+    is cut into ``k`` pieces; a loss over the whole replicated batch is dropped (compute
+    each child's loss from its own logits); other entries are shared."""
+    def piece(v, j):
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == k * batch:
+            return v[j * batch:(j + 1) * batch]
+        if isinstance(v, tuple) and not hasattr(v, "_fields"):
+            return tuple(piece(t, j) for t in v)
+        return v
+    outs = []
+    for j in range(k):
+        if isinstance(out, torch.Tensor) or (isinstance(out, tuple) and not hasattr(out, "keys")):
+            outs.append(piece(out, j))
+        elif hasattr(out, "keys"):
+            fields = {n: piece(out[n], j) for n in out.keys() if n != "loss"}
+            outs.append(type(out)(**fields))
+        else:
+            outs.append(out)
+    return tuple(outs)
