@@ -22,7 +22,6 @@ inputs, so they may only appear as names or inside a ``Stack`` — not inside
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import Union
 

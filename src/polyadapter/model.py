@@ -111,6 +111,10 @@ class AdapterModel(nn.Module):
         setup = self.state.setup
         if adapter_names is None and not isinstance(setup, ROW_LEVEL):
             return args, kwargs, 0, 0
+        merged = [n for n in self.adapters if self.is_merged(n)]
+        if merged:
+            raise StateError(f"adapter {merged[0]!r} is merged into the base, so every row of a mixed batch "
+                             f"would see it; unmerge it first")
         batch = _batch_size(args, kwargs)
         k = 0
         if adapter_names is not None:
