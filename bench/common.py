@@ -204,3 +204,35 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------- timing with per-call setup
+def interleaved_prepared(cases: dict[str, tuple[Callable[[], object] | None, Callable[[], object]]],
+                         rounds: int, reps: int = 1, warmup: int = 1, clock: str = "wall",
+                         sync: Callable[[], object] | None = None) -> dict[str, list[float]]:
+    """:func:`interleaved` for cases given as ``(prepare, fn)``: ``prepare()`` (may be
+    None) runs untimed before every call of ``fn()`` — e.g. to crop a KV cache back to
+    its prefix — and ``sync()`` (e.g. ``torch.cuda.synchronize``) runs before the clock
+    starts and before it stops, so queued GPU work is neither missed nor charged to the
+    next case. Returns seconds per call of ``fn``."""
+    now = CLOCKS[clock]
+    wait = sync or (lambda: None)
+    for prepare, fn in cases.values():
+        for _ in range(warmup):
+            if prepare is not None:
+                prepare()
+            fn()
+    wait()
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(rounds):
+        for name, (prepare, fn) in cases.items():
+            gc.collect()
+            for _ in range(reps):
+                if prepare is not None:
+                    prepare()
+                wait()
+                t0 = now()
+                fn()
+                wait()
+                times[name].append(now() - t0)
+    return times
