@@ -38,3 +38,16 @@ def test_the_python_quickstart_runs(tmp_path, monkeypatch):
     assert (tmp_path / "adapters" / "topic" / "polyadapter.json").is_file()
     assert (tmp_path / "adapters" / "topic-peft" / "adapter_config.json").is_file()
     assert namespace["pm"].adapters == []  # unwrap removed every adapter
+
+
+def test_the_mixed_batch_example_runs():
+    text = (ROOT / "README.md").read_text()
+    head = "## Mixed batches and composition\n"
+    start = text.index("```python\n", text.index(head)) + len("```python\n")
+    code = text[start:text.index("```\n", start)]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["out"].logits.shape[0] == 5
+    assert namespace["by_sentiment"].logits.shape == namespace["by_topic"].logits.shape
+    assert namespace["pm"].state.setup == namespace["Fuse"]("en", "ner", "sentiment", fusion="fusion")
+    assert namespace["params"] and all(p.requires_grad for p in namespace["params"])
