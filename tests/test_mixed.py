@@ -104,10 +104,11 @@ def test_every_setup_in_one_batch(kind):
 def test_different_ranks_get_their_own_banks_without_padding():
     pm = zoo("llama")
     site = pm.model.model.layers[0].self_attn.q_proj
-    keys = {site.adapters[n].bucket_key() for n in ("l8", "l4")}
-    assert len(keys) == 2
-    shapes = sorted(tuple(site.bank(k)["A"].shape) for k in keys)
-    assert shapes == [(1, 4, 32), (1, 8, 32)]
+    layout = site.layout()
+    lora = {n: b for b in layout.buckets for n in b.names if n in ("l4", "l8")}
+    assert lora["l4"] is not lora["l8"]
+    assert tuple(lora["l4"].get(site)["A"].shape) == (len(lora["l4"].names), 4, 32)
+    assert tuple(lora["l8"].get(site)["A"].shape) == (len(lora["l8"].names), 8, 32)
 
 
 def test_lora_rows_run_one_batched_call_per_site_whatever_the_adapter_count(monkeypatch):

@@ -37,11 +37,75 @@ from .errors import StateError
 
 
 @dataclass
+class Bucket:
+    """Adapters of one kind and shape at one site, stacked into one bank."""
+
+    key: tuple                     # the parts' bucket_key()
+    names: list[str]               # slot order
+    owner: type                    # the part class, which knows how to stack and apply
+    tensors: list[torch.Tensor]    # every parameter and buffer behind the bank
+    bank: dict | None = None
+    versions: tuple = ()
+
+    def get(self, site) -> dict:
+        """The bank: cached for inference and rebuilt when a tensor changed in place
+        (version counters); stacked afresh, so differentiable, when gradients flow."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in self.tensors):
+            return self.owner.stack_bank([site.adapters[n] for n in self.names])
+        versions = tuple(t._version for t in self.tensors)
+        if self.bank is None or versions != self.versions:
+            with torch.no_grad():
+                self.bank = self.owner.stack_bank([site.adapters[n] for n in self.names])
+            self.versions = versions
+        return self.bank
+
+
+_LAYOUT_IDS: dict[tuple, int] = {}
+
+
+@dataclass
+class Layout:
+    """How a site's (unmerged) adapters act in a mixed batch: each adapter's role and,
+    for bankable parts, its bucket and slot. Sites with the same structure (e.g. every
+    site of an all-linear LoRA) share ``id``, so row plans computed for one serve all."""
+
+    key: tuple
+    roles: dict[str, tuple[str, object]]   # name -> (role, bucket index | adapter name)
+    slots: dict[str, int]
+    buckets: list[Bucket]
+    id: int
+
+    @classmethod
+    def build(cls, site, key) -> "Layout":
+        roles, slots, buckets, index = {}, {}, [], {}
+        for name, part in site.adapters.items():
+            if name in site.merged:
+                continue
+            if getattr(part, "replaces_base", False):
+                roles[name] = ("replace", name)
+            elif getattr(part, "row_role", None) is None:
+                roles[name] = ("apply", name)
+            else:
+                bkey = part.bucket_key()
+                if bkey not in index:
+                    index[bkey] = len(buckets)
+                    buckets.append(Bucket(bkey, [], type(part), []))
+                bucket = buckets[index[bkey]]
+                slots[name] = len(bucket.names)
+                bucket.names.append(name)
+                bucket.tensors.extend(list(part.parameters()) + list(part.buffers()))
+                roles[name] = (part.row_role, index[bkey])
+        signature = tuple((n, r, slots.get(n)) for n, r in roles.items())
+        layout_id = _LAYOUT_IDS.setdefault(signature, len(_LAYOUT_IDS))
+        return cls(key, roles, slots, buckets, layout_id)
+
+
+@dataclass
 class Step:
-    """One bucket's work at one level of one site."""
+    """One bucket's (or one unbanked adapter's) work at one level of one site."""
 
     role: str                      # in_scale | out_scale | delta_in | delta_out | replace | apply
-    key: object                    # bucket key (bankable roles) or adapter name
+    ref: object                    # bucket index (bankable roles) or adapter name
     rows: torch.Tensor | None      # row indices, None for every row
     slots: torch.Tensor | None     # bank slot per row in ``rows`` (bankable roles)
 
@@ -79,13 +143,12 @@ class RowPlan:
                              f"of {n}; pass one setup per row of the batch")
         return n // self.n_rows
 
-    def steps(self, site, level: int, k: int) -> list[Step]:
-        names = self.levels[level]
-        layout = tuple((n, _bucket(site, n)) for n in dict.fromkeys(names) if _present(site, n))
-        cache_key = (level, k, layout)
-        if cache_key not in self._steps:
-            self._steps[cache_key] = _make_steps(site, names, dict(layout), k, self.device)
-        return self._steps[cache_key]
+    def steps(self, layout: Layout, level: int, k: int) -> list[Step]:
+        cache_key = (level, k, layout.id)
+        steps = self._steps.get(cache_key)
+        if steps is None:
+            steps = self._steps[cache_key] = _make_steps(layout, self.levels[level], k, self.device)
+        return steps
 
     def group_rows(self, k: int) -> list[tuple[object, torch.Tensor]]:
         if k not in self._groups_t:
@@ -94,46 +157,28 @@ class RowPlan:
         return self._groups_t[k]
 
 
-def _present(site, name) -> bool:
-    return name is not None and name in site.adapters and name not in site.merged
-
-
-def _bucket(site, name):
-    """(role, bucket key) of an adapter's part at a site."""
-    part = site.adapters[name]
-    if getattr(part, "replaces_base", False):
-        return "replace", name
-    role = getattr(part, "row_role", None)
-    if role is None:
-        return "apply", name
-    return role, part.bucket_key()
-
-
 def _expand(rows: torch.Tensor, k: int) -> torch.Tensor:
     return rows if k == 1 else (rows[:, None] * k + torch.arange(k)).flatten()
 
 
-def _make_steps(site, names: list, layout: dict, k: int, device) -> list[Step]:
-    by_bucket: dict = {}
+_ORDER = {"in_scale": 0, "out_scale": 1, "delta_in": 2, "apply": 2, "delta_out": 3, "replace": 4}
+
+
+def _make_steps(layout: Layout, names: list, k: int, device) -> list[Step]:
+    members: dict = {}
     for i, n in enumerate(names):
-        if n in layout:
-            by_bucket.setdefault(layout[n], []).append((i, n))
+        if n in layout.roles:
+            members.setdefault(layout.roles[n], []).append((i, n))
     steps = []
-    n_rows = len(names)
-    for (role, key), members in by_bucket.items():
-        rows = torch.tensor([i for i, _ in members], dtype=torch.long)
+    for (role, ref), rows_names in members.items():
+        rows = torch.tensor([i for i, _ in rows_names], dtype=torch.long)
         slots = None
-        if role not in ("replace", "apply"):
-            order = site.bucket_names(key)
-            slot_of = {n: j for j, n in enumerate(order)}
-            slots = torch.tensor([slot_of[n] for _, n in members], dtype=torch.long)
-            if k > 1:
-                slots = slots.repeat_interleave(k)
-            slots = slots.to(device)
-        full = len(members) == n_rows
-        steps.append(Step(role, key, None if full else _expand(rows, k).to(device), slots))
-    order = {"in_scale": 0, "out_scale": 1, "delta_in": 2, "apply": 2, "delta_out": 3, "replace": 4}
-    steps.sort(key=lambda s: order[s.role])
+        if isinstance(ref, int):
+            slots = torch.tensor([layout.slots[n] for _, n in rows_names], dtype=torch.long)
+            slots = (slots.repeat_interleave(k) if k > 1 else slots).to(device)
+        full = len(rows_names) == len(names)
+        steps.append(Step(role, ref, None if full else _expand(rows, k).to(device), slots))
+    steps.sort(key=lambda s: _ORDER[s.role])
     return steps
 
 
@@ -141,11 +186,12 @@ def _make_steps(site, names: list, layout: dict, k: int, device) -> list[Step]:
 def apply_rows(plan: RowPlan, site, inner, x, call):
     """The site's output for a mixed batch (see the module docstring)."""
     k = plan.factor(x.shape[0], site.site_name)
+    layout = site.layout()
     fn = inner
     for level in range(len(plan.levels)):
-        steps = plan.steps(site, level, k)
+        steps = plan.steps(layout, level, k)
         if steps:
-            fn = partial(_apply_level, site, steps, fn, call)
+            fn = partial(_apply_level, site, layout, steps, fn, call)
     y = fn(x)
     for setup, rows in plan.group_rows(k):
         sub = x.index_select(0, rows)
@@ -165,43 +211,52 @@ def _uniform(state, setup):
         state.rows, state.setup = saved
 
 
-def _apply_level(site, steps: list[Step], inner, call, x):
+def _apply_level(site, layout: Layout, steps: list[Step], inner, call, x):
     xin = x
     scale_in = [s for s in steps if s.role == "in_scale"]
     if scale_in:
-        xin = x * _row_scales(site, scale_in, x)
+        xin = x * _row_scales(site, layout, scale_in, x)
     y = inner(xin)
     first, rest = first_tensor(y)
     own = not torch.is_grad_enabled() and first.data_ptr() != x.data_ptr()  # safe to update in place
     for s in steps:
         if s.role == "out_scale":
-            first = first * _row_scales(site, [s], first)
+            first = first * _row_scales(site, layout, [s], first)
             own = not torch.is_grad_enabled()
-        elif s.role == "delta_in":
-            first = site.bank_apply(s.key, x, first, s.rows, s.slots, in_place=own)
-        elif s.role == "delta_out":
-            first = site.bank_apply(s.key, first, first, s.rows, s.slots, in_place=own)
+        elif s.role in ("delta_in", "delta_out"):
+            source = x if s.role == "delta_in" else first
+            first = _bank_apply(site, layout.buckets[s.ref], source, first, s, own)
         elif s.role == "apply":
-            part = site.adapters[s.key]
-            rows = s.rows
-            sub_x = x if rows is None else x.index_select(0, rows)
-            sub_y = first if rows is None else first.index_select(0, rows)
+            part = site.adapters[s.ref]
+            sub_x = x if s.rows is None else x.index_select(0, s.rows)
+            sub_y = first if s.rows is None else first.index_select(0, s.rows)
             new = first_tensor(part.apply(lambda _x, _y=sub_y: _y, sub_x))[0]
-            first = new if rows is None else _put_rows(first, rows, new)
+            first = new if s.rows is None else _put_rows(first, s.rows, new)
         elif s.role == "replace":
-            part = site.adapters[s.key]
+            part = site.adapters[s.ref]
             sub_x = x if s.rows is None else x.index_select(0, s.rows)
             new = first_tensor(call(part.module, sub_x))[0]
             first = new if s.rows is None else _put_rows(first, s.rows, new)
     return first if rest is None else (first,) + rest
 
 
-def _row_scales(site, steps: list[Step], t: torch.Tensor) -> torch.Tensor:
+def _bank_apply(site, bucket: Bucket, t, out, step: Step, in_place: bool):
+    """``out`` plus (or replaced by) the bucket's contribution computed from ``t`` for
+    the step's rows, each with its own slot of the bank."""
+    bank, owner, rows = bucket.get(site), bucket.owner, step.rows
+    if rows is None:
+        return owner.bank_forward(bank, t, out, step.slots, in_place, site.training)
+    sub = owner.bank_forward(bank, t.index_select(0, rows), out.index_select(0, rows), step.slots, True,
+                             site.training)
+    return out.index_copy_(0, rows, sub) if in_place else out.index_copy(0, rows, sub)
+
+
+def _row_scales(site, layout: Layout, steps: list[Step], t: torch.Tensor) -> torch.Tensor:
     """Per-row scale vectors broadcastable against ``t`` (ones for rows outside ``steps``)."""
     n, width = t.shape[0], t.shape[-1]
     full = None
     for s in steps:
-        vals = site.bank(s.key)["scale"].index_select(0, s.slots).to(t.dtype)   # (rows, width)
+        vals = layout.buckets[s.ref].get(site)["scale"].index_select(0, s.slots).to(t.dtype)   # (rows, width)
         if s.rows is None:
             full = vals
         else:

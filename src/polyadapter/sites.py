@@ -12,12 +12,11 @@ import re
 from functools import partial
 from typing import Callable, Iterator
 
-import torch
 from torch import nn
 
 from .compose import apply_setup
 from .errors import TargetError
-from .mixed import apply_rows
+from .mixed import Layout, apply_rows
 
 try:  # Hugging Face's transposed linear layer (GPT-2), which stores its weight as (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -32,8 +31,9 @@ class Site(nn.Module):
     ``state`` is the model's shared :class:`~polyadapter.state.AdapterState`, kept
     out of the module tree. With one setup for the whole batch the site evaluates it
     with :func:`~polyadapter.compose.apply_setup`; for a mixed batch (``state.rows``)
-    with :func:`~polyadapter.mixed.apply_rows`, which reads this site's *banks*: the
-    stacked weights of every adapter of one kind here, cached until they change.
+    with :func:`~polyadapter.mixed.apply_rows`, which reads this site's :meth:`layout`:
+    its *banks*, the stacked weights of every adapter of one kind here, cached until
+    they change.
     """
 
     def __init__(self, base: nn.Module, name: str, state):
@@ -43,7 +43,7 @@ class Site(nn.Module):
         self.merged: list[str] = []
         object.__setattr__(self, "site_name", name)
         object.__setattr__(self, "state", state)
-        object.__setattr__(self, "_banks", {})
+        object.__setattr__(self, "_layout", None)
 
     def forward(self, x, *args, **kwargs):
         call = partial(_call_module, args, kwargs)
@@ -52,38 +52,15 @@ class Site(nn.Module):
             return apply_rows(self.state.rows, self, inner, x, call)
         return apply_setup(self.state.setup, self, inner, x, call)
 
-    # -------------------------------------------------------------- banks
-    def bucket_names(self, key) -> list[str]:
-        """Adapters here (unmerged) whose parts stack into the bank ``key``, in slot order."""
-        return [n for n, p in self.adapters.items()
-                if n not in self.merged and getattr(p, "row_role", None) and p.bucket_key() == key]
-
-    def bank(self, key) -> dict[str, torch.Tensor]:
-        """The stacked tensors of bucket ``key``: cached for inference, rebuilt (and so
-        differentiable) whenever gradients are on and a part's tensors require them."""
-        names = self.bucket_names(key)
-        parts = [self.adapters[n] for n in names]
-        tensors = [t for p in parts for t in p.parameters()]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return type(parts[0]).stack_bank(parts)
-        signature = (tuple(names), tuple((id(t), t._version) for t in tensors))
-        cached = self._banks.get(key)
-        if cached is None or cached[0] != signature:
-            with torch.no_grad():
-                cached = (signature, type(parts[0]).stack_bank(parts))
-            self._banks[key] = cached
-        return cached[1]
-
-    def bank_apply(self, key, t, out, rows, slots, in_place: bool):
-        """``out`` plus (or replaced by) the bucket's contribution computed from ``t``,
-        for ``rows`` (None: every row) using bank ``slots``."""
-        owner = type(self.adapters[self.bucket_names(key)[0]])
-        bank = self.bank(key)
-        if rows is None:
-            return owner.bank_forward(bank, t, out, slots, in_place, self.training)
-        sub = owner.bank_forward(bank, t.index_select(0, rows), out.index_select(0, rows), slots, True,
-                                 self.training)
-        return out.index_copy_(0, rows, sub) if in_place else out.index_copy(0, rows, sub)
+    def layout(self):
+        """This site's adapters grouped into banks (see :class:`polyadapter.mixed.Layout`),
+        rebuilt only when adapters are added, removed, merged or unmerged here."""
+        key = (tuple(self.adapters), tuple(self.merged))
+        cached = self._layout
+        if cached is None or cached.key != key:
+            cached = Layout.build(self, key)
+            object.__setattr__(self, "_layout", cached)
+        return cached
 
     def extra_repr(self) -> str:
         return f"site={self.site_name!r}, merged={self.merged}"
