@@ -111,10 +111,9 @@ class AdapterModel(nn.Module):
         setup = self.state.setup
         if adapter_names is None and not isinstance(setup, ROW_LEVEL):
             return args, kwargs, 0, 0
-        merged = [n for n in self.adapters if self.is_merged(n)]
-        if merged:
-            raise StateError(f"adapter {merged[0]!r} is merged into the base, so every row of a mixed batch "
-                             f"would see it; unmerge it first")
+        if self.state.merged:
+            raise StateError(f"adapter {sorted(self.state.merged)[0]!r} is merged into the base, so every row "
+                             f"of a mixed batch would see it; unmerge it first")
         batch = _batch_size(args, kwargs)
         k = 0
         if adapter_names is not None:
@@ -356,6 +355,7 @@ class AdapterModel(nn.Module):
         for s, part in parts.items():
             part.merge(sites[s].base)
             sites[s].merged.append(name)
+        self.state.merged.add(name)
 
     def unmerge_adapter(self, name: str) -> None:
         record = self.record(name)
@@ -365,6 +365,7 @@ class AdapterModel(nn.Module):
         for s in record.sites:
             sites[s].adapters[name].unmerge(sites[s].base)
             sites[s].merged.remove(name)
+        self.state.merged.discard(name)
 
     def unwrap(self) -> nn.Module:
         """Remove every adapter and return the base model with its original modules."""

@@ -25,4 +25,5 @@ class AdapterState:
     setup: object = None                # the active setup: a name, a block tree or None
     active: tuple[str, ...] = ()        # every adapter name the setup uses
     base_fingerprint: dict = field(default_factory=dict)
-    rows: object = None                 # a mixed batch's RowPlan, only during a call
+    rows: object = None                 # the last call's RowPlan for a mixed batch, else None
+    merged: set = field(default_factory=set)  # names of adapters merged into the base

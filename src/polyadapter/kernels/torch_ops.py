@@ -1,8 +1,22 @@
-"""Pure-torch gathered matmuls: each row's weight is gathered from the bank, then one
-batched matmul runs every row at once. The reference implementation (see __init__)."""
+"""Pure-torch gathered matmuls, the reference implementation (see __init__).
+
+Two strategies, chosen per call:
+
+- *gather*: each row's weight is gathered from the bank, then one batched matmul runs
+  every row at once. Differentiable; best for long rows with many distinct adapters.
+- *segments* (SGMV): rows are sorted by slot and ``torch.nn.functional.grouped_mm``
+  multiplies each run of rows by its adapter's weight, reading every adapter's weight
+  once instead of copying it per row. Used for inference when rows are short (decode)
+  or share few adapters, which is where copying weights per row costs more than the
+  matmuls themselves.
+"""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+_GROUPED = hasattr(F, "grouped_mm")
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def gathered_linear(x, weight, slot, bias=None, scale=None, out=None):
@@ -19,6 +33,8 @@ def gathered_linear(x, weight, slot, bias=None, scale=None, out=None):
 
 
 def lora_delta(x, A, B, slot, scale, out=None):
+    if _segments_pay(x, A, B, slot, out):
+        return _lora_segments(x, A, B, slot, scale, out)
     h = torch.bmm(x, A.index_select(0, slot).transpose(1, 2).to(x.dtype))            # (n, L, r)
     h = h * scale.index_select(0, slot).to(h.dtype)[:, None, None]
     b = B.index_select(0, slot).transpose(1, 2).to(h.dtype)                           # (n, r, out)
@@ -27,3 +43,36 @@ def lora_delta(x, A, B, slot, scale, out=None):
     if torch.is_grad_enabled():
         return torch.baddbmm(out, h, b)
     return out.baddbmm_(h, b)
+
+
+def _segments_pay(x, A, B, slot, out) -> bool:
+    if not _GROUPED or x.device.type != "cpu" or x.dtype not in _GROUPED_DTYPES or x.shape[0] == 0:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
+        return False  # grouped_mm has no CPU backward here; the gather path is differentiable
+    if out is not None and not out.is_contiguous():
+        return False
+    size = x.element_size()  # grouped_mm needs every row stride to be a multiple of 16 bytes
+    if any(d * size % 16 for d in (A.shape[1], A.shape[2], B.shape[1])):
+        return False
+    n, L = x.shape[0], x.shape[1]
+    return L <= 4 or torch.unique(slot).numel() * 4 <= n
+
+
+def _lora_segments(x, A, B, slot, scale, out):
+    n, L, _ = x.shape
+    order = torch.argsort(slot, stable=True)
+    offs = (torch.bincount(slot, minlength=A.shape[0]).cumsum(0) * L).to(torch.int32)
+    tokens = order if L == 1 else (order[:, None] * L + torch.arange(L, device=x.device)).flatten()
+    xs = x.reshape(n * L, -1).index_select(0, tokens)
+    h = F.grouped_mm(xs, A.transpose(1, 2).to(x.dtype), offs=offs)                    # (n*L, r), sorted
+    row_scale = scale.index_select(0, slot.index_select(0, order)).to(h.dtype)
+    h = h * (row_scale if L == 1 else row_scale.repeat_interleave(L))[:, None]
+    d = F.grouped_mm(h, B.transpose(1, 2).to(h.dtype), offs=offs)                     # (n*L, out), sorted
+    if out is None:
+        return torch.empty_like(d).index_copy_(0, tokens, d).view(n, L, -1)
+    flat = out.view(n * L, -1)
+    if torch.is_grad_enabled():
+        return flat.index_add(0, tokens, d.to(out.dtype)).view(out.shape)
+    flat.index_add_(0, tokens, d.to(out.dtype))
+    return out
