@@ -29,6 +29,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from operator import attrgetter
 
 import torch
 
@@ -52,7 +53,7 @@ class Bucket:
         (version counters); stacked afresh, so differentiable, when gradients flow."""
         if torch.is_grad_enabled() and any(t.requires_grad for t in self.tensors):
             return self.owner.stack_bank([site.adapters[n] for n in self.names])
-        versions = tuple(t._version for t in self.tensors)
+        versions = tuple(map(_VERSION, self.tensors))
         if self.bank is None or versions != self.versions:
             with torch.no_grad():
                 self.bank = self.owner.stack_bank([site.adapters[n] for n in self.names])
@@ -61,6 +62,7 @@ class Bucket:
 
 
 _LAYOUT_IDS: dict[tuple, int] = {}
+_VERSION = attrgetter("_version")  # a tensor's in-place modification counter
 
 
 @dataclass
