@@ -106,6 +106,10 @@ LORA_FROM_PEFT = {
     "bert-bare-suffix-modules_to_save": ("bert", dict(r=2, target_modules=["query"], modules_to_save=["lassifier"])),
     "bert-uniform-rank_pattern": ("bert", dict(r=4, target_modules=["query", "value"], rank_pattern={"query": 4},
                                                alpha_pattern={"query": 8}, lora_alpha=8)),
+    "bert-per-site-rank_pattern": ("bert", dict(r=4, target_modules=["query", "value"], rank_pattern={"value": 2},
+                                                alpha_pattern={"query": 16}, lora_alpha=8)),
+    "llama-regex-rank_pattern": ("llama", dict(r=2, target_modules="all-linear",
+                                               rank_pattern={r"layers\.1\..*_proj": 6})),
 }
 
 
@@ -172,6 +176,10 @@ EXPORTS = {
     "gpt2-ia3": ("gpt2", IA3Config()),
     "bert-pissa": ("bert", LoraConfig(r=4, init="pissa", modules_to_save=["classifier"])),
     "llama-pissa-rslora": ("llama", LoraConfig(r=4, alpha=8, init="pissa", use_rslora=True)),
+    "llama-rank-and-alpha-patterns": ("llama", LoraConfig(r=4, alpha=8, targets=["all-linear"],
+                                                          rank_pattern={"mlp.down_proj": 2, "re:.*layers\\.1\\..*": 6},
+                                                          alpha_pattern={"q_proj": 3.0})),
+    "bert-pissa-rank_pattern": ("bert", LoraConfig(r=4, init="pissa", rank_pattern={"value": 2})),
 }
 
 
@@ -299,7 +307,6 @@ REFUSALS = {
     "unknown-field": ({}, {"trainable_token_indices": [1, 2]}, LoadError, r"trainable_token_indices=\[1, 2\]"),
     "layer_replication": ({}, {"layer_replication": [[0, 2]]}, LoadError, "layer_replication"),
     "rank-differs": ({}, {"r": 8}, ShapeMismatchError, r"r=8"),
-    "rank_pattern": (dict(rank_pattern={"value": 8}), None, LoadError, "rank_pattern.*different values"),
 }
 
 

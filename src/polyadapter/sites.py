@@ -129,6 +129,14 @@ def matches_any(name: str, patterns: list[str]) -> bool:
     return any(matches(name, p) for p in patterns)
 
 
+def pattern_value(patterns: dict | None, name: str, default):
+    """The value of the first key of ``patterns`` that matches ``name``, else ``default``."""
+    for key, value in (patterns or {}).items():
+        if matches(name, key):
+            return value
+    return default
+
+
 def _output_layer_names(model: nn.Module, modules: dict[str, nn.Module]) -> set[str]:
     getter = getattr(model, "get_output_embeddings", None)
     out = getter() if callable(getter) else None

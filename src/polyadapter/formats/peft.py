@@ -54,7 +54,7 @@ import torch
 
 from ..config import config_from_dict
 from ..errors import ConfigError, LoadError, PolyAdapterError, ShapeMismatchError, TargetError, UnsafeFileError
-from ..sites import matches, matches_any, original_modules
+from ..sites import matches, matches_any, original_modules, pattern_value
 from .files import _CONVERT_HINT, check_tensors, read_json, read_safetensors, refuse_pickle, write_folder
 
 CONFIG_FILE = "adapter_config.json"
@@ -199,9 +199,10 @@ def from_peft(peft_config: dict, peft_tensors: dict[str, torch.Tensor], where: s
     saved_patterns = _suffix_patterns(mts, saved)
 
     if method == "lora":
-        r, alpha = _rank_and_alpha(peft_config, sites, where)
+        r, alpha, rank_pattern, alpha_pattern = _rank_and_alpha(peft_config, sites)
         init = peft_config.get("init_lora_weights", True)
         config = {"method": "lora", "targets": targets, "modules_to_save": saved_patterns, "r": r, "alpha": alpha,
+                  "rank_pattern": rank_pattern or None, "alpha_pattern": alpha_pattern or None,
                   "dropout": float(peft_config.get("lora_dropout") or 0.0),
                   "use_rslora": bool(peft_config.get("use_rslora", False)),
                   "init": "gaussian" if init == "gaussian" else "default"}
@@ -320,19 +321,14 @@ def _check_ia3_shapes(parts: dict, feedforward: list[str], where: str) -> None:
                             f"shape {shape}")
 
 
-def _rank_and_alpha(cfg: dict, sites: list[str], where: str) -> tuple[int, float]:
+def _rank_and_alpha(cfg: dict, sites: list[str]) -> tuple[int, float, dict, dict]:
+    """(r, alpha, rank_pattern, alpha_pattern) in our terms: PEFT's patterns resolved to
+    exact site names for the sites whose value differs from the config's default."""
     r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     ranks = {s: _pattern_value(cfg.get("rank_pattern") or {}, s, r) for s in sites}
     alphas = {s: _pattern_value(cfg.get("alpha_pattern") or {}, s, alpha) for s in sites}
-    for key, values in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
-        first_site, first = next(iter(values.items()))
-        differ = next(((s, v) for s, v in values.items() if v != first), None)
-        if differ is not None:
-            raise LoadError(f"{where}: PEFT config {key}={cfg[key]!r} gives sites different values "
-                            f"({first_site!r}: {first}, {differ[0]!r}: {differ[1]}); a polyadapter adapter "
-                            f"has one rank and one alpha for all its sites")
-    r, alpha = next(iter(ranks.values())), next(iter(alphas.values()))
-    return r, alpha
+    return (r, alpha, {s: v for s, v in ranks.items() if v != r},
+            {s: float(v) for s, v in alphas.items() if v != alpha})
 
 
 def _check_lora_shapes(site: str, A: torch.Tensor, B: torch.Tensor, r: int, where: str) -> None:
@@ -403,9 +399,15 @@ def to_peft(config: dict, tensors: dict[str, torch.Tensor], sites: list[str], sa
                 out[f"{PREFIX}{s}.lora_embedding_A"], out[f"{PREFIX}{s}.lora_embedding_B"] = A, B
             else:
                 out[f"{PREFIX}{s}.lora_A.weight"], out[f"{PREFIX}{s}.lora_B.weight"] = A, B
+        rank_pattern = {s: int(tensors[f"{s}.lora_A"].shape[0]) for s in sites}
+        alpha_pattern = {s: float(pattern_value(config.get("alpha_pattern"), s, alpha)) for s in sites}
         if pissa:  # rank 2r, same scaling alpha/r (or alpha/sqrt(r) with rsLoRA)
-            alpha = alpha * (math.sqrt(2) if rslora else 2)
-            r = 2 * r
+            factor = math.sqrt(2) if rslora else 2
+            alpha, r = alpha * factor, 2 * r
+            rank_pattern = {s: 2 * v for s, v in rank_pattern.items()}
+            alpha_pattern = {s: v * factor for s, v in alpha_pattern.items()}
+        rank_pattern = {s: v for s, v in rank_pattern.items() if v != r}
+        alpha_pattern = {s: (int(v) if float(v).is_integer() else v) for s, v in alpha_pattern.items() if v != alpha}
         targets = _peft_targets(config.get("targets") or [], sites, module_names, mts)
         peft_config = {
             "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
@@ -415,7 +417,8 @@ def to_peft(config: dict, tensors: dict[str, torch.Tensor], sites: list[str], sa
             "target_modules": targets, "exclude_modules": None, "modules_to_save": mts,
             "fan_in_fan_out": bool(conv1d_sites), "bias": "none", "lora_bias": False, "use_dora": False,
             "init_lora_weights": "gaussian" if config.get("init") == "gaussian" else True,
-            "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+            "layers_to_transform": None, "layers_pattern": None,
+            "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         }
     else:
         for s in sites:

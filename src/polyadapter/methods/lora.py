@@ -22,7 +22,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..errors import ConfigError
 from ..kernels import lora_delta
-from ..sites import LINEAR_TYPES, linear_dims
+from ..sites import LINEAR_TYPES, linear_dims, pattern_value
 from . import MethodSpec, with_preset_targets
 
 INITS = ("default", "gaussian", "pissa")
@@ -36,6 +36,8 @@ class LoraConfig(AdapterConfig):
     dropout: float = 0.0
     use_rslora: bool = False
     init: str = "default"
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
 
     def validate(self):
         self.require(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, "r", "a positive integer")
@@ -43,10 +45,29 @@ class LoraConfig(AdapterConfig):
         self.require(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout", "a number in [0, 1)")
         self.require(isinstance(self.use_rslora, bool), "use_rslora", "true or false")
         self.require(self.init in INITS, "init", f"one of {list(INITS)}")
+        self.require(self.rank_pattern is None or (isinstance(self.rank_pattern, dict) and all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
+            for k, v in self.rank_pattern.items())), "rank_pattern", "a dict of site pattern -> positive int")
+        self.require(self.alpha_pattern is None or (isinstance(self.alpha_pattern, dict) and all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+            for k, v in self.alpha_pattern.items())), "alpha_pattern", "a dict of site pattern -> positive number")
+
+    def rank_for(self, site: str) -> int:
+        """``r``, or the value of the first ``rank_pattern`` key matching ``site``
+        (patterns as in ``targets``: exact name, dotted suffix or ``re:``)."""
+        return pattern_value(self.rank_pattern, site, self.r)
+
+    def alpha_for(self, site: str) -> float:
+        return float(pattern_value(self.alpha_pattern, site, self.alpha))
+
+    def scaling_for(self, site: str) -> float:
+        r = self.rank_for(site)
+        return self.alpha_for(site) / (math.sqrt(r) if self.use_rslora else r)
 
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
 
 
 class LoraPart(nn.Module):
@@ -58,11 +79,11 @@ class LoraPart(nn.Module):
             in_f, out_f = base.num_embeddings, base.embedding_dim
         else:
             in_f, out_f = linear_dims(base)
-        r = config.r
+        r = config.rank_for(site)
         dev, dt = base.weight.device, base.weight.dtype
         self.lora_A = nn.Parameter(torch.zeros(r, in_f, device=dev, dtype=dt))
         self.lora_B = nn.Parameter(torch.zeros(out_f, r, device=dev, dtype=dt))
-        self.scaling = config.scaling
+        self.scaling = config.scaling_for(site)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.pissa = config.init == "pissa"
         with torch.no_grad():
