@@ -328,15 +328,39 @@ class AdapterModel(nn.Module):
         sites = sites_of(self.model)
         return any(name in sites[s].merged for s in record.sites)
 
-    def merge_adapter(self, name: str, safe: bool = False) -> None:
-        """Add the adapter's weight update to the base weights; its parts then stop
-        computing. ``safe`` checks every merged weight for NaN/inf before committing."""
+    def merge_adapter(self, *names: str, safe: bool = False) -> None:
+        """Add one or several adapters' weight updates to the base weights; their parts
+        then stop computing. All or nothing: every adapter is checked before any weight
+        changes. ``safe`` also merges into copies first and refuses (merging nothing)
+        if any resulting weight holds NaN or inf."""
+        if not names:
+            raise StateError("merge_adapter needs at least one adapter name")
+        if len(set(names)) != len(names):
+            raise StateError(f"an adapter appears twice in {list(names)}")
+        sites = sites_of(self.model)
+        plans = {name: self._merge_parts(name, sites) for name in names}
+        if safe:
+            touched = {s for parts in plans.values() for s in parts}
+            for s in touched:
+                probe = copy.deepcopy(sites[s].base)
+                for name, parts in plans.items():
+                    if s in parts:
+                        parts[s].merge(probe)
+                if not all(torch.isfinite(t).all() for t in probe.parameters()):
+                    raise StateError(f"merging {list(names)} gives non-finite weights at site {s!r}; nothing merged")
+        for name, parts in plans.items():
+            for s, part in parts.items():
+                part.merge(sites[s].base)
+                sites[s].merged.append(name)
+            self.state.merged.add(name)
+
+    def _merge_parts(self, name: str, sites: dict) -> dict:
+        """Site -> part for merging ``name``, or a StateError saying why it cannot be."""
         record = self.record(name)
         if self.is_merged(name):
             raise StateError(f"adapter {name!r} is already merged")
         if name in self.input_parts:
             raise StateError(f"adapter {name!r} ({record.config.method}) has no weight-space form and cannot be merged")
-        sites = sites_of(self.model)
         parts = {s: sites[s].adapters[name] for s in record.sites}
         for s, part in parts.items():
             if not hasattr(part, "merge"):
@@ -346,26 +370,21 @@ class AdapterModel(nn.Module):
             site, other = tied
             raise StateError(f"cannot merge adapter {name!r}: the weight of site {site!r} is tied to {other!r}, "
                              f"so merging would change both; keep it unmerged")
-        if safe:
-            for s, part in parts.items():
-                probe = copy.deepcopy(sites[s].base)
-                part.merge(probe)
-                if not all(torch.isfinite(t).all() for t in probe.parameters()):
-                    raise StateError(f"merging adapter {name!r} gives non-finite weights at site {s!r}; nothing merged")
-        for s, part in parts.items():
-            part.merge(sites[s].base)
-            sites[s].merged.append(name)
-        self.state.merged.add(name)
+        return parts
 
-    def unmerge_adapter(self, name: str) -> None:
-        record = self.record(name)
-        if not self.is_merged(name):
-            raise StateError(f"adapter {name!r} is not merged")
+    def unmerge_adapter(self, *names: str) -> None:
+        """Take merged adapters back out of the base weights (in reverse order)."""
+        if not names:
+            raise StateError("unmerge_adapter needs at least one adapter name")
+        for name in names:
+            if not self.is_merged(name):
+                raise StateError(f"adapter {name!r} is not merged")
         sites = sites_of(self.model)
-        for s in record.sites:
-            sites[s].adapters[name].unmerge(sites[s].base)
-            sites[s].merged.remove(name)
-        self.state.merged.discard(name)
+        for name in reversed(names):
+            for s in self.record(name).sites:
+                sites[s].adapters[name].unmerge(sites[s].base)
+                sites[s].merged.remove(name)
+            self.state.merged.discard(name)
 
     def unwrap(self) -> nn.Module:
         """Remove every adapter and return the base model with its original modules."""
