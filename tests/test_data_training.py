@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
+import polyadapter as pa
 from polyadapter import AdapterModel, PolyAdapterError, config_from_dict
 from polyadapter.data import DataError, TextDataset, load_dataset, load_file, relabel, split
 
@@ -247,3 +248,27 @@ def test_load_classifier_errors(tmp_path):
         load_classifier(str(tmp_path / "m"), 2)
     with pytest.raises(LoadError, match="not in the local Hugging Face cache"):
         load_classifier("no-such-model-anywhere", 2)
+
+
+def test_causal_lm_adapter_training_lowers_held_out_loss():
+    """train_lm_adapter / lm_loss on a tiny Llama with the packaged MiniLM tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from polyadapter.basemodels import model_folder
+    from polyadapter.training import lm_loss, train_lm_adapter
+
+    tokenizer = AutoTokenizer.from_pretrained(model_folder("minilm"))
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        initializer_range=0.5))  # logits that can move
+    pm = pa.AdapterModel(base.eval())
+    pm.add_adapter("lm", pa.LoraConfig(r=8, targets=["all-linear"]), activate=False)
+    texts = [f"the cat sat on the mat number {i % 3}" for i in range(24)]
+    pm.set_active("lm")
+    before = lm_loss(pm, texts[:6], tokenizer)
+    metrics = train_lm_adapter(pm, "lm", texts[6:], tokenizer, epochs=5, lr=3e-2, batch_size=6, progress=False)
+    after = lm_loss(pm, texts[:6], tokenizer)
+    assert after < before - 1.0 and metrics["steps"] == 15
+    assert pm.record("lm").provenance["training"]["examples"] == 18
+    assert not any(p.requires_grad for p in pm.parameters())

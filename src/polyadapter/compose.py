@@ -261,14 +261,19 @@ def _apply_child(child, site, inner, call, x):
 
 def memo(inner):
     """``inner`` that computes once per input tensor, so the children of an Average or
-    Fuse share the base output instead of recomputing it."""
+    Fuse share the base output instead of recomputing it. Without autograd, parts may
+    update the output they get in place, so each caller then gets its own copy."""
     cache: dict = {}
 
     def call(x):
         key = id(x)
         if key not in cache:
             cache[key] = (x, inner(x))   # keep x alive so its id stays unique
-        return cache[key][1]
+        y = cache[key][1]
+        if torch.is_grad_enabled():
+            return y
+        return y.clone() if isinstance(y, torch.Tensor) else type(y)(t.clone() if isinstance(t, torch.Tensor) else t
+                                                                      for t in y)
     return call
 
 

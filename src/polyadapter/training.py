@@ -154,3 +154,69 @@ def evaluate(model: nn.Module, data: TextDataset, tokenizer, batch_size: int = 3
         correct += (logits.argmax(-1) == labels).sum().item()
     model.train(was_training)
     return {"accuracy": correct / len(data), "loss": loss_sum / len(data), "n": len(data)}
+
+
+# ---------------------------------------------------------------------- causal language models
+def _lm_batches(texts: list[str], tokenizer, batch_size: int, max_length: int, device) -> list[dict]:
+    """Padded batches with ``labels`` = the tokens, -100 over padding (loss on every real token)."""
+    batches = []
+    for b in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[b:b + batch_size], truncation=True, max_length=max_length, padding=True,
+                        return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        batches.append({"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device),
+                        "labels": labels.to(device)})
+    return batches
+
+
+def train_lm_adapter(pm, name: str, texts: list[str], tokenizer, epochs: int = 1, lr: float = 1e-3,
+                     batch_size: int = 8, max_length: int = 128, seed: int = 0, progress: bool = True) -> dict:
+    """Train adapter ``name`` of a causal LM (next-token loss on every real token) with
+    AdamW; nothing else changes. Returns (and records in the provenance) the metrics."""
+    from tqdm.auto import tqdm
+
+    if not texts:
+        raise DataError(f"adapter {name!r}: cannot train on no texts")
+    params = pm.train_adapter(name)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr=lr)
+    losses, start = [], time.perf_counter()
+    bar = tqdm(total=epochs * math.ceil(len(texts) / batch_size), desc=f"train {name}", disable=not progress,
+               unit="step", dynamic_ncols=True)
+    for _ in range(epochs):
+        order = torch.randperm(len(texts), generator=gen).tolist()
+        for batch in _lm_batches([texts[i] for i in order], tokenizer, batch_size, max_length, _device(pm)):
+            loss = pm(**batch).loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    for p in params:
+        p.requires_grad_(False)
+    pm.eval()
+    metrics = {"train_loss": sum(losses[-10:]) / len(losses[-10:]), "steps": len(losses),
+               "seconds": time.perf_counter() - start, "examples": len(texts), "epochs": epochs}
+    pm.record(name).provenance.update({"training": metrics})
+    return metrics
+
+
+@torch.inference_mode()
+def lm_loss(model: nn.Module, texts: list[str], tokenizer, batch_size: int = 8, max_length: int = 128) -> float:
+    """Mean next-token cross-entropy over every real token of ``texts`` (token-weighted)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in _lm_batches(texts, tokenizer, batch_size, max_length, _device(model)):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        target = batch["labels"][:, 1:]
+        losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                 ignore_index=-100, reduction="sum")
+        total += losses.item()
+        count += int((target != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1)

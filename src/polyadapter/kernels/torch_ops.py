@@ -60,6 +60,9 @@ def _segments_pay(x, A, B, slot, out) -> bool:
 
 def _lora_segments(x, A, B, slot, scale, out):
     n, L, _ = x.shape
+    used, slot_used = torch.unique(slot, return_inverse=True)
+    if used.numel() * 2 <= A.shape[0]:  # grouped_mm runs one matmul per group, empty ones too
+        A, B, scale, slot = A.index_select(0, used), B.index_select(0, used), scale.index_select(0, used), slot_used
     order = torch.argsort(slot, stable=True)
     offs = (torch.bincount(slot, minlength=A.shape[0]).cumsum(0) * L).to(torch.int32)
     tokens = order if L == 1 else (order[:, None] * L + torch.arange(L, device=x.device)).flatten()

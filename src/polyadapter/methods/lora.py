@@ -123,8 +123,11 @@ class LoraPart(nn.Module):
 
     def apply(self, inner, x):
         y = inner(x)
+        d = self._unscaled_delta(x).to(y.dtype)
+        if not torch.is_grad_enabled() and y.data_ptr() != x.data_ptr():
+            return y.add_(d, alpha=self.scaling)  # inference: no output-sized temporary at all
         # One fused add-with-scale: no separate scaled temporary the size of the output.
-        return torch.add(y, self._unscaled_delta(x).to(y.dtype), alpha=self.scaling)
+        return torch.add(y, d, alpha=self.scaling)
 
     # -------------------------------------------------------- mixed batches
     row_role = "delta_in"  # adds an update computed from the site input (see polyadapter.mixed)
