@@ -58,3 +58,23 @@ def test_safe_merge_refuses_when_the_sum_overflows():
     with pytest.raises(pa.StateError, match="non-finite.*nothing merged"):
         pm.merge_adapter("a", "b", safe=True)
     assert all(torch.equal(v, before[k]) for k, v in pm.model.state_dict().items())
+
+
+def test_merge_and_unload_bakes_adapters_and_heads_into_a_plain_model():
+    pm = pa.AdapterModel(make_model("bert"))
+    pm.add_adapter("a", pa.LoraConfig(r=4, modules_to_save=["classifier"]), activate=False)
+    pm.add_adapter("b", pa.IA3Config(), activate=False)
+    with torch.no_grad():
+        for name in ("a", "b"):
+            for p in pm.adapter_parameters(name).values():
+                p.add_(0.1 * torch.randn_like(p))
+    pm.eval()
+    x = make_inputs("bert")
+    pm.set_active("a", "b")
+    with torch.no_grad():
+        want = output_of(pm, x)
+    model = pm.merge_and_unload("a", "b")
+    assert not isinstance(model, pa.AdapterModel) and pm.adapters == []
+    assert not any(type(m).__name__ == "Site" for m in model.modules())
+    with torch.no_grad():
+        assert torch.allclose(output_of(model, x), want, atol=1e-5)

@@ -386,6 +386,28 @@ class AdapterModel(nn.Module):
                 sites[s].merged.remove(name)
             self.state.merged.discard(name)
 
+    def merge_and_unload(self, *names: str, safe: bool = False) -> nn.Module:
+        """Bake adapters into the base for good: merge ``names`` (all or nothing, as
+        :meth:`merge_adapter`), copy their trained module copies (``modules_to_save``,
+        e.g. a head) into the base modules, remove every adapter, and return the plain
+        base model — e.g. to save it as an ordinary model folder."""
+        heads: dict[str, str] = {}
+        for name in names:
+            for s in self.record(name).saved_modules:
+                if s in heads:
+                    raise StateError(f"adapters {heads[s]!r} and {name!r} both carry a copy of {s!r}; "
+                                     f"bake at most one of them")
+                heads[s] = name
+        self.merge_adapter(*names, safe=safe)
+        sites = sites_of(self.model)
+        with torch.no_grad():
+            for s, name in heads.items():
+                sites[s].base.load_state_dict(sites[s].adapters[name].module.state_dict())
+        for site in sites.values():
+            site.merged.clear()  # the updates now belong to the base weights
+        self.state.merged.clear()
+        return self.unwrap()
+
     def unwrap(self) -> nn.Module:
         """Remove every adapter and return the base model with its original modules."""
         for name in self.adapters:
