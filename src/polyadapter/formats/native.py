@@ -3,6 +3,11 @@
 The JSON holds the method config (with presets resolved), the sites, the base model's
 fingerprint, the library version and the adapter's provenance; the safetensors file
 holds every tensor, keyed ``<site>.<parameter>``.
+
+An adapter made by ComPEFT (provenance ``method: "compeft"``) is saved packed instead:
+``adapter.compeft.safetensors`` holds its ternary tensors as bits (see
+``formats.compeft``), and the JSON says ``"packing": "compeft-ternary-v1"`` with format
+version 2, so a reader that predates packing refuses the folder instead of misreading it.
 """
 from __future__ import annotations
 
@@ -14,12 +19,14 @@ import torch
 from .. import __version__
 from ..config import config_from_dict
 from ..errors import LoadError, PolyAdapterError
+from . import compeft
 from .files import check_tensors, read_json, read_safetensors, write_folder
 
 CONFIG_FILE = "polyadapter.json"
 WEIGHTS_FILE = "adapter.safetensors"
 FORMAT = "polyadapter-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version read; plain folders are still written as version 1
+PLAIN_VERSION = 1
 
 
 def is_native(path: Path) -> bool:
@@ -28,19 +35,49 @@ def is_native(path: Path) -> bool:
 
 def save(model, name: str, path: Path, overwrite: bool = False) -> Path:
     record = model.record(name)
+    packing, tensors = weights_for(model, name)
     return write(path, name=name, config=record.config, sites=record.sites, saved_modules=record.saved_modules,
-                 tensors=model.adapter_state_dict(name),
+                 tensors=tensors,
                  num_parameters=sum(t.numel() for t in model.adapter_parameters(name).values()),
-                 base_model=model.state.base_fingerprint, provenance=record.provenance, overwrite=overwrite)
+                 base_model=model.state.base_fingerprint, provenance=record.provenance, overwrite=overwrite,
+                 packing=packing)
+
+
+def is_compeft(provenance: dict) -> bool:
+    return provenance.get("operation") == "compress" and provenance.get("method") == "compeft"
+
+
+def weights_for(model, name: str) -> tuple[str | None, dict[str, torch.Tensor]]:
+    """(packing or None, the tensors of the weights file) as :func:`save` writes them.
+
+    A ComPEFT adapter's ternary tensors are packed where that is smaller; one that is no
+    longer ternary (trained after compression) stays dense, with a warning; with no tensor
+    packed the folder is a plain one."""
+    record = model.record(name)
+    tensors = model.adapter_state_dict(name)
+    if not is_compeft(record.provenance):
+        return None, tensors
+    inits = compeft.inits_for(record.config.method, record.sites)
+    packed, dense = compeft.pack(tensors, inits)
+    if dense:
+        warnings.warn(f"adapter {name!r}: {len(dense)} of its {len(inits)} ComPEFT tensor(s) are no longer "
+                      f"ternary (e.g. {dense[0]!r}; changed since compression?) and are saved unpacked",
+                      stacklevel=3)
+    if not any(compeft.SEP in k for k in packed):  # nothing packed (or nothing smaller packed)
+        return None, tensors
+    return compeft.PACKING, packed
 
 
 def write(path: Path, *, name: str, config, sites: list[str], saved_modules: list[str],
           tensors: dict[str, torch.Tensor], num_parameters: int, base_model: dict, provenance: dict,
-          overwrite: bool = False) -> Path:
-    """Write a native folder (atomically) from its parts; ``config`` is a method config."""
+          overwrite: bool = False, packing: str | None = None) -> Path:
+    """Write a native folder (atomically) from its parts; ``config`` is a method config.
+    ``packing``: None for plain tensors, or ``compeft.PACKING`` for packed ones."""
+    if packing not in (None, compeft.PACKING):
+        raise ValueError(f"unknown packing {packing!r}")
     meta = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": PLAIN_VERSION if packing is None else FORMAT_VERSION,
         "library_version": __version__,
         "name": name,
         "config": config.to_dict(),
@@ -50,7 +87,10 @@ def write(path: Path, *, name: str, config, sites: list[str], saved_modules: lis
         "base_model": base_model,
         "provenance": provenance,
     }
-    return write_folder(path, {CONFIG_FILE: meta, WEIGHTS_FILE: tensors}, overwrite=overwrite)
+    if packing is not None:
+        meta["packing"] = packing
+    weights = WEIGHTS_FILE if packing is None else compeft.WEIGHTS_FILE
+    return write_folder(path, {CONFIG_FILE: meta, weights: tensors}, overwrite=overwrite)
 
 
 def read_meta(path: Path) -> dict:
@@ -61,6 +101,25 @@ def read_meta(path: Path) -> dict:
         raise LoadError(f"{path / CONFIG_FILE}: format version {meta['format_version']} is newer than this "
                         f"polyadapter ({__version__}) reads; upgrade polyadapter")
     return meta
+
+
+def weights_file(path: Path, meta: dict) -> Path:
+    """The weights file of the native folder ``path`` whose JSON is ``meta``:
+    ``adapter.safetensors``, or ``adapter.compeft.safetensors`` when packed."""
+    packing = meta.get("packing")
+    if packing is None:
+        return path / WEIGHTS_FILE
+    if packing != compeft.PACKING:
+        raise LoadError(f"{path / CONFIG_FILE}: unknown packing {packing!r}; this polyadapter "
+                        f"({__version__}) reads {compeft.PACKING!r}")
+    return path / compeft.WEIGHTS_FILE
+
+
+def read_weights(path: Path, meta: dict) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(the weights file, its tensors, unpacked) of the native folder ``path``."""
+    file = weights_file(path, meta)
+    tensors = read_safetensors(file)
+    return file, tensors if meta.get("packing") is None else compeft.unpack(tensors, str(file))
 
 
 def load(model, path: Path, name: str | None = None):
@@ -78,8 +137,8 @@ def load(model, path: Path, name: str | None = None):
         extra = sorted(set(plan.record.sites) - set(want_sites))
         raise LoadError(f"{where}: the adapter's sites do not fit this model: "
                         f"saved sites not found here {missing[:3]}, sites here not in the file {extra[:3]}")
-    tensors = read_safetensors(path / WEIGHTS_FILE)
-    check_tensors(tensors, plan.state_dict(), str(path / WEIGHTS_FILE))
+    file, tensors = read_weights(path, meta)
+    check_tensors(tensors, plan.state_dict(), str(file))
     _compare_fingerprint(meta.get("base_model", {}), model.state.base_fingerprint, path)
     plan.load_tensors(tensors)
     plan.record.provenance = dict(meta.get("provenance", {}))
