@@ -8,10 +8,13 @@ from .errors import (  # noqa: E402
     TargetError, UnsafeFileError,
 )
 from .methods import METHODS  # noqa: E402
+from .methods.arrow import ArrowConfig  # noqa: E402
+from .methods.basis import BasisConfig, BasisLoraConfig  # noqa: E402
 from .methods.bottleneck import BottleneckConfig  # noqa: E402
 from .methods.fusion import FusionConfig  # noqa: E402
 from .methods.ia3 import IA3Config  # noqa: E402
 from .methods.lora import LoraConfig  # noqa: E402
+from .methods.poly import PolyConfig  # noqa: E402
 from .methods.prompt import PromptConfig  # noqa: E402
 from .methods.sparse import SparseConfig  # noqa: E402
 from .model import AdapterModel  # noqa: E402
@@ -24,7 +27,7 @@ def wrap(model) -> AdapterModel:
 
 __all__ = [
     "AdapterModel", "wrap", "AdapterConfig", "LoraConfig", "IA3Config", "BottleneckConfig",
-    "PromptConfig", "SparseConfig", "FusionConfig",
+    "PromptConfig", "SparseConfig", "FusionConfig", "ArrowConfig", "PolyConfig", "BasisConfig", "BasisLoraConfig",
     "Stack", "Parallel", "Fuse", "Average", "BatchSplit",
     "config_from_dict", "METHODS",
     "PolyAdapterError", "ConfigError", "TargetError", "AdapterNameError", "LoadError",

@@ -316,7 +316,7 @@ def describe(path: str | Path) -> dict:
         from .formats import native
         meta = native.read_meta(path)
         config = meta.get("config") or {}
-        tensors = _safetensors_shapes(path / native.WEIGHTS_FILE)
+        tensors = _safetensors_shapes(native.weights_file(path, meta))
         base = meta.get("base_model") or {}
         n_params = meta.get("num_parameters", sum(_numel(s) for s in tensors.values()))
         return {
@@ -518,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst")
     c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     c.set_defaults(func=cmd_convert)
+
+    from .cli_reuse import add_parsers  # combine, compress, merge, lorahub
+    add_parsers(sub)
 
     m = sub.add_parser("methods", help="list adapter methods and their config fields")
     m.add_argument("--json", action="store_true", help="print as JSON")

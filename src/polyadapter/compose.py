@@ -112,6 +112,9 @@ def normalize(setup: Setup, state, top: bool = True) -> Setup:
         record = _record(state, setup)
         if record.config.method == "fusion":
             return normalize(Fuse(*record.config.adapters, fusion=setup), state, top)
+        if record.config.method == "basis":
+            raise ConfigError(f"{setup!r} is a shared basis: it only serves its basis_lora adapters and cannot run "
+                              f"by itself; activate one of those instead")
         return setup
     if not isinstance(setup, Block):
         raise ConfigError(f"a setup is an adapter name or a block (Stack, Parallel, Fuse, Average, BatchSplit); "
@@ -186,6 +189,16 @@ def _record(state, name: str):
     if name not in state.adapters:
         raise AdapterNameError(f"no adapter named {name!r}; adapters: {list(state.adapters)}")
     return state.adapters[name]
+
+
+def depends_on(config) -> list[str]:
+    """The other adapters an adapter's config builds on (fused adapters, a routing
+    library or inventory, a shared basis)."""
+    out: list[str] = []
+    for field_name in ("adapters", "library", "inventory"):
+        out += list(getattr(config, field_name, None) or [])
+    basis = getattr(config, "basis", None)
+    return out + ([basis] if isinstance(basis, str) else [])
 
 
 def names_in(setup: Setup) -> list[str]:

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .compose import ROW_LEVEL, Block, BatchSplit, Stack, is_plain_stack, names_in, normalize, prompt_stack
+from .compose import (ROW_LEVEL, Block, BatchSplit, Stack, depends_on, is_plain_stack, names_in, normalize,
+                      prompt_stack)
 from .config import AdapterConfig, config_from_dict
 from .errors import AdapterNameError, ConfigError, StateError, TargetError
 from .fingerprint import fingerprint
@@ -238,6 +239,10 @@ class AdapterModel(nn.Module):
 
     def remove_adapter(self, name: str) -> None:
         record = self.record(name)
+        users = [n for n, r in self.state.adapters.items() if name in depends_on(r.config)]
+        if users:
+            raise StateError(f"adapter {name!r} is used by {users} (fusion, routing or shared basis); "
+                             f"remove those first")
         if self.is_merged(name):
             raise StateError(f"adapter {name!r} is merged into the base; unmerge it before removing it")
         sites = sites_of(self.model)
@@ -410,7 +415,7 @@ class AdapterModel(nn.Module):
 
     def unwrap(self) -> nn.Module:
         """Remove every adapter and return the base model with its original modules."""
-        for name in self.adapters:
+        for name in reversed(self.adapters):  # dependants were added after what they use
             self.remove_adapter(name)
         return self.model
 

@@ -608,7 +608,7 @@ def native_to_peft_folder(src: Path, dst: Path, overwrite: bool = False) -> Path
     src = Path(src)
     meta = native.read_meta(src)
     config = config_from_dict(meta.get("config"), where=str(src / native.CONFIG_FILE)).to_dict()
-    tensors = read_safetensors(src / native.WEIGHTS_FILE)
+    tensors = native.read_weights(src, meta)[1]
     sites = list(meta.get("sites", []))
     peft_config, out = to_peft(config, tensors, sites, list(meta.get("modules_to_save") or []),
                                embedding_sites={s for s in sites if _embedding_by_name(s)},
