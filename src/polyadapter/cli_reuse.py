@@ -1,0 +1,221 @@
+"""Command-line verbs that reuse adapters: combine, compress, merge, lorahub.
+
+Each loads a base model and the given adapter folders (native or PEFT), runs one
+operation from :mod:`polyadapter.ops`, and writes the result — an ordinary adapter
+folder (``polyadapter info`` shows its provenance) or, for ``merge``, a plain model
+folder with the adapters baked in.
+
+    polyadapter combine runs/bbc runs/tweets --method ties --weights 1 1 --density 0.5 --out merged
+    polyadapter compress runs/bbc --method svd --rank 2 --out bbc-r2
+    polyadapter compress runs/bbc --method compeft --density 0.1 --out bbc-compeft
+    polyadapter compress runs/a runs/b runs/c --method shared-basis --rank 8 --out library
+    polyadapter merge runs/bbc --out bbc-model
+    polyadapter lorahub runs/a runs/b runs/c --data bbc --shots 32 --out hub
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .cli import CLIError, _add_data_args, _table, adapter_folder, describe
+
+
+# ---------------------------------------------------------------------- loading
+def load_with_adapters(paths: list[str], model: str | None, heads_from: int = 0):
+    """(AdapterModel, tokenizer, adapter names): the base model the first adapter was
+    trained on (or ``model``) with every folder loaded under its own name."""
+    from .basemodels import load_classifier
+    from .model import AdapterModel
+
+    folders = [adapter_folder(p) for p in paths]
+    descs = [describe(f) for f in folders]  # validates every folder before the model loads
+    prov = descs[heads_from]["provenance"] or {}
+    label_names = prov.get("label_names")
+    num_labels = len(label_names) if label_names else _head_width(folders[heads_from]) or 2
+    net, tokenizer = load_classifier(model or prov.get("base_model") or "minilm", num_labels, label_names, seed=0)
+    pm = AdapterModel(net)
+    names = []
+    for folder, desc in zip(folders, descs):
+        name = _free_name(pm, desc["name"] or folder.name)
+        pm.load_adapter(folder, name=name, activate=False)
+        names.append(name)
+    return pm, tokenizer, names
+
+
+def _head_width(folder: Path) -> int | None:
+    from .cli import _safetensors_shapes
+    for file in ("adapter.safetensors", "adapter_model.safetensors"):
+        if (folder / file).is_file():
+            for key, shape in _safetensors_shapes(folder / file).items():
+                if re.search(r"classifier(\.module)?\.weight$", key) and len(shape) == 2:
+                    return shape[0]
+    return None
+
+
+def _free_name(pm, name: str) -> str:
+    base = re.sub(r"[^A-Za-z0-9_\-]", "-", str(name))[:60] or "adapter"
+    out, i = base, 1
+    while out in pm.adapters:
+        i += 1
+        out = f"{base}-{i}"
+    return out
+
+
+def _save(pm, name: str, out: str, fmt: str, overwrite: bool) -> Path:
+    return pm.save_adapter(name, out, format=fmt, overwrite=overwrite)
+
+
+def _report(args, rows: list[tuple[str, str]], data: dict) -> None:
+    print(json.dumps(data, indent=2, default=str) if args.json else _table(rows))
+
+
+# ---------------------------------------------------------------------- verbs
+def cmd_combine(args) -> int:
+    from .ops.combine import combine
+    if args.weights is not None and len(args.weights) != len(args.adapters):
+        raise CLIError(f"--weights has {len(args.weights)} values for {len(args.adapters)} adapters")
+    pm, _, names = load_with_adapters(args.adapters, args.model, args.heads_from)
+    weights = args.weights or [1.0 / len(names)] * len(names)
+    opts = {k: v for k, v in (("rank", args.rank), ("density", args.density), ("seed", args.seed)) if v is not None}
+    if args.majority_sign:
+        opts["majority_sign"] = args.majority_sign
+    record = combine(pm, "combined", names, weights, args.method, modules_from=names[args.heads_from], **opts)
+    path = _save(pm, "combined", args.out, args.format, args.overwrite)
+    _report(args, [("combined", ", ".join(f"{n} x {w:g}" for n, w in zip(names, weights))),
+                   ("method", args.method), ("rank", str(record.config.r)), ("written", str(path))],
+            {"path": str(path), **record.provenance})
+    return 0
+
+
+def cmd_compress(args) -> int:
+    if args.method == "shared-basis":
+        return _shared_basis(args)
+    if len(args.adapters) != 1:
+        raise CLIError(f"--method {args.method} compresses one adapter; found {len(args.adapters)}")
+    from .ops.compress import compeft, svd_compress
+    pm, _, (name,) = load_with_adapters(args.adapters, args.model)
+    if args.method == "svd":
+        if (args.rank is None) == (args.energy is None):
+            raise CLIError("--method svd needs exactly one of --rank or --energy")
+        record = svd_compress(pm, name, "compressed", rank=args.rank, energy=args.energy)
+    else:
+        if args.rank is not None or args.energy is not None:
+            raise CLIError("--method compeft takes --density, not --rank or --energy")
+        record = compeft(pm, name, "compressed", density=args.density if args.density is not None else 0.1)
+    path = _save(pm, "compressed", args.out, args.format, args.overwrite)
+    prov = record.provenance
+    _report(args, [("source", name), ("method", args.method),
+                   ("storage ratio", f"{prov.get('storage_ratio', float('nan')):.1f}x"), ("written", str(path))],
+            {"path": str(path), **prov})
+    return 0
+
+
+def _shared_basis(args) -> int:
+    from .ops.shared_basis import compress_to_shared_basis
+    if args.rank is None:
+        raise CLIError("--method shared-basis needs --rank (the shared basis size k)")
+    pm, _, names = load_with_adapters(args.adapters, args.model)
+    summary = compress_to_shared_basis(pm, names, "basis", rank=args.rank, suffix="-jd")
+    out = Path(args.out)
+    written = [_save(pm, "basis", str(out / "basis"), "native", args.overwrite)]
+    for n in names:
+        written.append(_save(pm, f"{n}-jd", str(out / f"{n}-jd"), "native", args.overwrite))
+    _report(args, [("sources", ", ".join(names)), ("shared basis rank", str(args.rank)),
+                   ("storage ratio", f"{summary['storage_ratio']:.1f}x"),
+                   ("written", ", ".join(str(w) for w in written))],
+            {"written": [str(w) for w in written], **summary})
+    return 0
+
+
+def cmd_merge(args) -> int:
+    pm, tokenizer, names = load_with_adapters(args.adapters, args.model)
+    model = pm.merge_and_unload(*names, safe=not args.unsafe)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise CLIError(f"{out} exists and is not empty; pass --overwrite to replace its files")
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    _report(args, [("merged", ", ".join(names)), ("model folder", str(out))],
+            {"merged": names, "path": str(out)})
+    return 0
+
+
+def cmd_lorahub(args) -> int:
+    from .data import load_dataset, relabel, split
+    from .ops.lorahub import lorahub
+    pm, tokenizer, names = load_with_adapters(args.adapters, args.model, args.heads_from)
+    data = load_dataset(args.data, args.text_column, args.label_column)
+    label_names = (describe(adapter_folder(args.adapters[args.heads_from]))["provenance"] or {}).get("label_names")
+    if label_names:
+        data = relabel(data, label_names)
+    _, shots = split(data, test_size=args.shots, seed=args.seed)
+    enc = tokenizer(list(shots.texts), padding=True, truncation=True, max_length=128, return_tensors="pt")
+    import torch
+    examples = [{**enc, "labels": torch.tensor(list(shots.labels))}]
+    record = lorahub(pm, "lorahub", names, examples, budget=args.budget, seed=args.seed,
+                     modules_from=names[args.heads_from], progress=not args.quiet)
+    path = _save(pm, "lorahub", args.out, args.format, args.overwrite)
+    prov = record.provenance
+    _report(args, [("weights", ", ".join(f"{n}: {w:+.3f}" for n, w in zip(names, prov["weights"]))),
+                   ("few-shot loss", json.dumps(prov.get("loss"))), ("written", str(path))],
+            {"path": str(path), **{k: v for k, v in prov.items() if k != "history"}})
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+def add_parsers(sub) -> None:
+    def common(p, formats=True):
+        p.add_argument("adapters", nargs="+", help="adapter folders (native or PEFT) or run folders")
+        p.add_argument("--model", help="base model: 'minilm' or a folder (default: the first adapter's base)")
+        p.add_argument("--out", required=True, help="output folder")
+        if formats:
+            p.add_argument("--format", choices=("native", "peft"), default="native")
+        p.add_argument("--overwrite", action="store_true", help="replace the output folder")
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    c = sub.add_parser("combine", help="combine adapters into one (linear, TIES, DARE, SVD, ...)",
+                       description="Combine LoRA (or IA3) adapters into a new adapter. Methods: linear, cat, "
+                                   "task_arithmetic, svd, ties, dare_linear, dare_ties, magnitude_prune and the "
+                                   "*_svd variants of the last four.")
+    common(c)
+    c.add_argument("--method", default="linear")
+    c.add_argument("--weights", type=float, nargs="+", help="one per adapter (default: uniform)")
+    c.add_argument("--rank", type=int, help="target rank (svd methods)")
+    c.add_argument("--density", type=float, help="share of entries kept (ties, dare, magnitude_prune)")
+    c.add_argument("--majority-sign", choices=("total", "frequency"), help="TIES sign election")
+    c.add_argument("--seed", type=int, help="DARE's random drop")
+    c.add_argument("--heads-from", type=int, default=0, metavar="I",
+                   help="copy the I-th adapter's modules_to_save (e.g. its head) into the result (default 0)")
+    c.set_defaults(func=cmd_combine)
+
+    z = sub.add_parser("compress", help="shrink adapters: SVD rank cut, ComPEFT, shared basis",
+                       description="svd: truncated SVD to --rank or to the --energy kept; compeft: keep the "
+                                   "top --density share of every tensor as signs with one scale per tensor "
+                                   "(stored bit-packed); shared-basis: several LoRAs into one basis of rank "
+                                   "--rank plus a small matrix per adapter.")
+    common(z)
+    z.add_argument("--method", choices=("svd", "compeft", "shared-basis"), required=True)
+    z.add_argument("--rank", type=int)
+    z.add_argument("--energy", type=float, help="share of squared singular values kept (svd)")
+    z.add_argument("--density", type=float, help="share of entries kept (compeft; default 0.1)")
+    z.set_defaults(func=cmd_compress)
+
+    m = sub.add_parser("merge", help="bake adapters into the base and save a plain model folder",
+                       description="Merge the adapters' updates (and their head copies) into the base weights "
+                                   "and save the result with save_pretrained (safetensors).")
+    common(m, formats=False)
+    m.add_argument("--unsafe", action="store_true", help="skip the NaN/inf check of the merged weights")
+    m.set_defaults(func=cmd_merge)
+
+    h = sub.add_parser("lorahub", help="find a combination of LoRAs for a task from a few examples (no gradients)",
+                       description="LoraHub: search one weight per LoRA with a gradient-free optimiser "
+                                   "(nevergrad) to minimise the loss on --shots labelled examples.")
+    common(h)
+    _add_data_args(h)
+    h.add_argument("--shots", type=int, default=32)
+    h.add_argument("--budget", type=int, default=40, help="loss evaluations")
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--heads-from", type=int, default=0, metavar="I")
+    h.add_argument("--quiet", action="store_true", help="no progress bar")
+    h.set_defaults(func=cmd_lorahub)
