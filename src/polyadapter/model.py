@@ -196,13 +196,17 @@ class AdapterModel(nn.Module):
             self.set_active(name)
         return plan.record
 
+    def check_new_name(self, name, where: str = "") -> None:
+        """AdapterNameError unless ``name`` is a valid name no adapter has yet."""
+        prefix = f"{where}: " if where else ""
+        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+            raise AdapterNameError(f"{prefix}adapter name {name!r} is invalid: use 1-64 letters, digits, '_' or '-'")
+        if name in self.state.adapters:
+            raise AdapterNameError(f"{prefix}an adapter named {name!r} already exists; adapters: {self.adapters}")
+
     def plan_adapter(self, name: str, config: AdapterConfig | dict) -> Plan:
         """Build an adapter's parts without touching the model (used by add and load)."""
-        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
-            raise AdapterNameError(
-                f"adapter name {name!r} is invalid: use 1-64 letters, digits, '_' or '-'")
-        if name in self.state.adapters:
-            raise AdapterNameError(f"an adapter named {name!r} already exists; adapters: {self.adapters}")
+        self.check_new_name(name)
         if isinstance(config, dict):
             config = config_from_dict(config, where=f"adapter {name!r}")
         spec = method_spec(config.method)

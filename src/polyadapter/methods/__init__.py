@@ -52,12 +52,9 @@ def with_preset_targets(model: nn.Module, config: AdapterConfig, key: str) -> Ad
 
 
 def _registry() -> dict[str, MethodSpec]:
-    from . import bottleneck, fusion, ia3, lora, prompt, sparse
-    specs = [lora.SPEC, ia3.SPEC, bottleneck.SPEC, prompt.SPEC, sparse.SPEC, fusion.SPEC]
-    from . import basis
-    specs += basis.SPECS
-    from . import arrow, poly
-    specs += [arrow.SPEC, poly.SPEC]
+    from . import arrow, basis, bottleneck, fusion, ia3, lora, poly, prompt, sparse
+    specs = [lora.SPEC, ia3.SPEC, bottleneck.SPEC, prompt.SPEC, sparse.SPEC, fusion.SPEC, *basis.SPECS,
+             arrow.SPEC, poly.SPEC]
     return {s.name: s for s in specs}
 
 

@@ -160,10 +160,6 @@ class PromptPart(nn.Module):
 
     def _prepend(self, model: nn.Module, kwargs: dict) -> dict:
         kwargs = dict(kwargs)
-        if kwargs.get("position_ids") is not None:
-            raise PolyAdapterError(
-                "prompt tuning does not support explicit position_ids: the prompt shifts every position; "
-                "leave position_ids unset and let the model derive them from the attention mask")
         embeds = _input_embeds(model, kwargs)
         batch, length = embeds.shape[:2]
         n = self.num_virtual_tokens
@@ -200,10 +196,6 @@ def prepare_rows(model: nn.Module, kwargs: dict, row_prompts: list[list[PromptPa
       ``i``'s tokens then start at offset ``len(prompt_i)``, and token-level labels
       are shifted with them."""
     kwargs = dict(kwargs)
-    if kwargs.get("position_ids") is not None:
-        raise PolyAdapterError(
-            "prompt tuning does not support explicit position_ids: the prompt shifts every position; "
-            "leave position_ids unset and let the model derive them from the attention mask")
     embeds = _input_embeds(model, kwargs)
     batch, length, hidden = embeds.shape
     if len(row_prompts) != batch:
@@ -253,7 +245,12 @@ def _generates(model: nn.Module) -> bool:
 
 
 def _input_embeds(model: nn.Module, kwargs: dict) -> torch.Tensor:
-    """Pop ``input_ids`` from ``kwargs`` and return the input embeddings."""
+    """Pop ``input_ids`` from ``kwargs`` and return the input embeddings; explicit
+    ``position_ids`` are refused (the prompt shifts every position)."""
+    if kwargs.get("position_ids") is not None:
+        raise PolyAdapterError(
+            "prompt tuning does not support explicit position_ids: the prompt shifts every position; "
+            "leave position_ids unset and let the model derive them from the attention mask")
     input_ids = kwargs.pop("input_ids", None)
     embeds = kwargs.get("inputs_embeds")
     if embeds is None:

@@ -61,9 +61,8 @@ import math
 
 import torch
 
-from ..errors import AdapterNameError, ConfigError
+from ..errors import ConfigError
 from ..methods.ia3 import IA3Config
-from ..model import ADAPTER_NAME
 from ..sites import original_modules
 from .factors import install_lora, lora_factors
 
@@ -166,10 +165,7 @@ def combine(pm, name: str, adapters, weights, method: str = "linear", *, rank: i
 
 # ---------------------------------------------------------------- checks
 def _check_sources(pm, name, adapters, weights, modules_from, where) -> tuple[list[str], list[float]]:
-    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
-        raise AdapterNameError(f"adapter name {name!r} is invalid: use 1-64 letters, digits, '_' or '-'")
-    if name in pm.adapters:
-        raise AdapterNameError(f"an adapter named {name!r} already exists; adapters: {pm.adapters}")
+    pm.check_new_name(name)
     if isinstance(adapters, str) or not hasattr(adapters, "__len__"):
         raise ConfigError(f"{where}: adapters must be a list of adapter names; found {adapters!r}")
     adapters = list(adapters)

@@ -26,10 +26,9 @@ import math
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from ..errors import AdapterNameError, ConfigError
+from ..errors import ConfigError
 from ..formats import compeft as packed
 from ..formats import native
-from ..model import ADAPTER_NAME
 from .factors import LoraFactors, install_lora, lora_factors
 
 SCALES = ("std", "mean")
@@ -50,10 +49,7 @@ def _with_ratio(pm, source: str, result: str) -> None:
 
 
 def _check_new_name(pm, new_name) -> None:
-    if not isinstance(new_name, str) or not ADAPTER_NAME.fullmatch(new_name):
-        raise AdapterNameError(f"new adapter name {new_name!r} is invalid: use 1-64 letters, digits, '_' or '-'")
-    if new_name in pm.adapters:
-        raise AdapterNameError(f"an adapter named {new_name!r} already exists; choose another new_name")
+    pm.check_new_name(new_name, "compress")
 
 
 # ====================================================================== SVD

@@ -47,8 +47,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..errors import AdapterNameError, ConfigError
-from ..model import ADAPTER_NAME
+from ..errors import ConfigError
 from .factors import _temporary_name, install_lora, lora_factors
 
 SCRATCH = "lorahub-scratch"
@@ -262,10 +261,7 @@ def _stop_background_threads(search) -> None:
 # ---------------------------------------------------------------- checks
 def _check_inputs(pm, name, adapters, modules_from, budget, regularization, seed, bounds, loss_fn,
                   where) -> list[str]:
-    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
-        raise AdapterNameError(f"adapter name {name!r} is invalid: use 1-64 letters, digits, '_' or '-'")
-    if name in pm.adapters:
-        raise AdapterNameError(f"an adapter named {name!r} already exists; adapters: {pm.adapters}")
+    pm.check_new_name(name)
     if isinstance(adapters, str) or not hasattr(adapters, "__len__"):
         raise ConfigError(f"{where}: adapters must be a list of LoRA adapter names; found {adapters!r}")
     adapters = list(adapters)

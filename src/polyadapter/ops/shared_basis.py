@@ -107,7 +107,6 @@ def compress_to_shared_basis(pm, adapters: list[str], basis_name: str, rank: int
     over all sites of the source — for ``relative_errors`` with U, V, Sigma as stored (in
     the base's dtype: what is served), for ``fit_relative_errors`` as fitted (float64) — and
     ``storage_ratio`` = source factor bytes / (basis bytes + all sigma bytes)."""
-    from ..model import ADAPTER_NAME
     if isinstance(adapters, str) or not adapters:
         raise ConfigError(f"compress: adapters must be a non-empty list of LoRA adapter names; found {adapters!r}")
     adapters = list(adapters)
@@ -128,10 +127,7 @@ def compress_to_shared_basis(pm, adapters: list[str], basis_name: str, rank: int
                 f"{adapters[0]!r} (sites only in {n!r}: {only_here[:3]}, only in {adapters[0]!r}: {only_first[:3]})")
     new_names = {n: n + suffix for n in adapters}
     for name in [basis_name, *new_names.values()]:
-        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
-            raise AdapterNameError(f"compress: adapter name {name!r} is invalid: use 1-64 letters, digits, '_' or '-'")
-        if name in pm.adapters:
-            raise AdapterNameError(f"compress: an adapter named {name!r} already exists; adapters: {pm.adapters}")
+        pm.check_new_name(name, "compress")
     if basis_name in new_names.values() or len(set(new_names.values())) != len(new_names):
         raise AdapterNameError(f"compress: the basis name {basis_name!r} and the new names "
                                f"{list(new_names.values())} must all differ")
