@@ -28,8 +28,10 @@ lora_configs = st.fixed_dictionaries({
 @settings(max_examples=40, deadline=None)
 @given(config=lora_configs, seed=st.integers(0, 1000), scale=st.floats(0.01, 2.0))
 def test_lora_merge_unmerge_is_identity(config, seed, scale):
-    model = small_model(seed)
-    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(seed))
+    # float64: a large update makes x @ (W + D) cancel catastrophically in float32 (seen at
+    # r=11, rsLoRA, alpha 58: 2e-3 off on an output of 5), which is rounding, not a bug.
+    model = small_model(seed).double()
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     base_weights = {k: v.clone() for k, v in model.state_dict().items()}
     pm = pa.AdapterModel(model)
     ranks = {"0": 12, "2": 8}  # Linear(12, 16) and Linear(16, 8)
@@ -44,9 +46,9 @@ def test_lora_merge_unmerge_is_identity(config, seed, scale):
         for p in pm.adapter_parameters("a").values():
             p.add_(scale * torch.randn_like(p))
     out = pm(x)
-    # Float rounding in (W + D) - D grows with |D|: allow a few ulps of the update's size.
+    # Float rounding in (W + D) - D grows with |D|: allow many float64 ulps of the update's size.
     biggest = max(part.delta_weight().abs().max().item() for part in pm.parts("a").values())
-    tol = 1e-6 * (1 + biggest)
+    tol = 1e-9 * (1 + biggest)
     pm.merge_adapter("a")
     torch.testing.assert_close(pm(x), out, atol=10 * tol, rtol=1e-4)
     pm.unmerge_adapter("a")
