@@ -32,8 +32,9 @@ that holds it: ``fill_defaults`` (which sees the model) hands the site objects t
 ``make_part`` through a private, non-saved attribute of the config, and the part keeps
 a plain (unregistered) reference to its Site, so the library's weights are neither
 copied nor saved twice. Library LoRAs must be present to run: adding or loading an
-Arrow adapter without them fails before anything changes, and removing one later
-makes the Arrow adapter's next forward pass fail with a clear :class:`StateError`.
+Arrow adapter without them fails before anything changes, the model refuses to remove
+one while the Arrow adapter exists, and a merged one makes the forward pass fail with
+a clear :class:`StateError`.
 Arrow has no weight-space form (the mixture depends on each token), so it cannot be
 merged.
 """

@@ -18,8 +18,8 @@ LoRAs and installs it with one basis_lora per source.
 
 Linking: a basis_lora part keeps a reference (not a submodule, so nothing is saved or
 moved twice) to the ``adapters`` dict of its Site and looks its basis up there on
-every call, so removing the basis makes its basis_lora adapters fail clearly rather
-than silently run a stale copy. The basis must be in the model before a basis_lora
+every call, so nothing can run a stale copy (the model refuses to remove the basis
+while basis_lora adapters use it). The basis must be in the model before a basis_lora
 is added or loaded (``fill_defaults`` refuses otherwise and makes the links).
 
 Mixed batches: all rows using basis_lora adapters of one basis at a site form one

@@ -38,8 +38,8 @@ factors as an ordinary LoRA (equal to a one-head Poly adapter with uniform weigh
 to be fine-tuned as usual.
 
 The inventory must be present to run (adding or loading without it fails before
-anything changes; removing a skill later makes the next forward pass fail with a
-StateError). The effective factors are cached until the logits or a skill change, and
+anything changes, and the model refuses to remove a skill while the Poly adapter
+exists). The effective factors are cached until the logits or a skill change, and
 recomputed every call while gradients flow. A Poly adapter merges like a LoRA (the
 merged update is kept so unmerging removes exactly what was added). Inventory dropout
 is not applied. PiSSA skills count as the rank-2r LoRA they equal.
