@@ -23,8 +23,9 @@ from .cli import CLIError, _add_data_args, _table, adapter_folder, describe
 
 # ---------------------------------------------------------------------- loading
 def load_with_adapters(paths: list[str], model: str | None, heads_from: int = 0):
-    """(AdapterModel, tokenizer, adapter names): the base model the first adapter was
-    trained on (or ``model``) with every folder loaded under its own name."""
+    """(AdapterModel, tokenizer, adapter names, label names or None): the base model the
+    ``heads_from``-th adapter was trained on (or ``model``) with every folder loaded
+    under its own name; the label names are that adapter's, from its provenance."""
     from .basemodels import load_classifier
     from .model import AdapterModel
 
@@ -40,7 +41,7 @@ def load_with_adapters(paths: list[str], model: str | None, heads_from: int = 0)
         name = _free_name(pm, desc["name"] or folder.name)
         pm.load_adapter(folder, name=name, activate=False)
         names.append(name)
-    return pm, tokenizer, names
+    return pm, tokenizer, names, label_names
 
 
 def _head_width(folder: Path) -> int | None:
@@ -75,7 +76,7 @@ def cmd_combine(args) -> int:
     from .ops.combine import combine
     if args.weights is not None and len(args.weights) != len(args.adapters):
         raise CLIError(f"--weights has {len(args.weights)} values for {len(args.adapters)} adapters")
-    pm, _, names = load_with_adapters(args.adapters, args.model, args.heads_from)
+    pm, _, names, _ = load_with_adapters(args.adapters, args.model, args.heads_from)
     weights = args.weights or [1.0 / len(names)] * len(names)
     opts = {k: v for k, v in (("rank", args.rank), ("density", args.density), ("seed", args.seed)) if v is not None}
     if args.majority_sign:
@@ -94,7 +95,7 @@ def cmd_compress(args) -> int:
     if len(args.adapters) != 1:
         raise CLIError(f"--method {args.method} compresses one adapter; found {len(args.adapters)}")
     from .ops.compress import compeft, svd_compress
-    pm, _, (name,) = load_with_adapters(args.adapters, args.model)
+    pm, _, (name,), _ = load_with_adapters(args.adapters, args.model)
     if args.method == "svd":
         if (args.rank is None) == (args.energy is None):
             raise CLIError("--method svd needs exactly one of --rank or --energy")
@@ -115,7 +116,7 @@ def _shared_basis(args) -> int:
     from .ops.shared_basis import compress_to_shared_basis
     if args.rank is None:
         raise CLIError("--method shared-basis needs --rank (the shared basis size k)")
-    pm, _, names = load_with_adapters(args.adapters, args.model)
+    pm, _, names, _ = load_with_adapters(args.adapters, args.model)
     summary = compress_to_shared_basis(pm, names, "basis", rank=args.rank, suffix="-jd")
     out = Path(args.out)
     written = [_save(pm, "basis", str(out / "basis"), "native", args.overwrite)]
@@ -129,7 +130,7 @@ def _shared_basis(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    pm, tokenizer, names = load_with_adapters(args.adapters, args.model)
+    pm, tokenizer, names, _ = load_with_adapters(args.adapters, args.model)
     model = pm.merge_and_unload(*names, safe=not args.unsafe)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -144,9 +145,8 @@ def cmd_merge(args) -> int:
 def cmd_lorahub(args) -> int:
     from .data import load_dataset, relabel, split
     from .ops.lorahub import lorahub
-    pm, tokenizer, names = load_with_adapters(args.adapters, args.model, args.heads_from)
+    pm, tokenizer, names, label_names = load_with_adapters(args.adapters, args.model, args.heads_from)
     data = load_dataset(args.data, args.text_column, args.label_column)
-    label_names = (describe(adapter_folder(args.adapters[args.heads_from]))["provenance"] or {}).get("label_names")
     if label_names:
         data = relabel(data, label_names)
     _, shots = split(data, test_size=args.shots, seed=args.seed)

@@ -154,8 +154,9 @@ class AdapterModel(nn.Module):
             per_row = None
             prompts = prompt_stack(self.state.setup, self.state)
         else:
-            per_row = [[self.input_parts[n] for n in prompt_stack(s, self.state)] for s in plan.setups]
-            prompts = sorted({n for s in plan.setups for n in prompt_stack(s, self.state)})
+            stacks = {id(s): prompt_stack(s, self.state) for s in plan.setups}  # once per distinct setup
+            per_row = [stacks[id(s)] for s in plan.setups]
+            prompts = [n for names in stacks.values() for n in names]
         if not prompts:
             return args, kwargs
         if args:
@@ -163,7 +164,8 @@ class AdapterModel(nn.Module):
                 raise TypeError("with a prompt adapter active, pass inputs as keyword arguments")
             kwargs = {**kwargs, "input_ids": args[0]}
         if per_row is not None:
-            return (), prepare_rows(self.model, kwargs, per_row, generate=how == "prepare_generate")
+            parts = [[self.input_parts[n] for n in names] for names in per_row]
+            return (), prepare_rows(self.model, kwargs, parts, generate=how == "prepare_generate")
         for name in prompts:
             kwargs = getattr(self.input_parts[name], how)(self.model, kwargs)
         return (), kwargs

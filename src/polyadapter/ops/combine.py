@@ -64,7 +64,7 @@ import torch
 from ..errors import ConfigError
 from ..methods.ia3 import IA3Config
 from ..sites import original_modules
-from .factors import install_lora, lora_factors
+from .factors import install_lora, lora_factors, source_names
 
 FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # act on A and B
 SVD_METHODS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -166,19 +166,12 @@ def combine(pm, name: str, adapters, weights, method: str = "linear", *, rank: i
 # ---------------------------------------------------------------- checks
 def _check_sources(pm, name, adapters, weights, modules_from, where) -> tuple[list[str], list[float]]:
     pm.check_new_name(name)
-    if isinstance(adapters, str) or not hasattr(adapters, "__len__"):
-        raise ConfigError(f"{where}: adapters must be a list of adapter names; found {adapters!r}")
-    adapters = list(adapters)
-    if not adapters:
-        raise ConfigError(f"{where}: give at least one adapter to combine")
+    adapters = source_names(pm, adapters, where)
     if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
         raise ConfigError(f"{where}: weights must be a list of numbers, one per adapter; found {weights!r}")
     weights = list(weights.tolist() if isinstance(weights, torch.Tensor) else weights)
     if len(weights) != len(adapters):
         raise ConfigError(f"{where}: {len(adapters)} adapters {adapters} but {len(weights)} weights {weights}")
-    for a in adapters:
-        if a not in pm.adapters:
-            raise ConfigError(f"{where}: no adapter named {a!r}; adapters: {pm.adapters}")
     out = []
     for a, w in zip(adapters, weights):
         try:

@@ -50,6 +50,20 @@ def lora_factors(pm, name: str) -> dict[str, LoraFactors]:
     return out
 
 
+def source_names(pm, adapters, where: str, kind: str = "adapter", purpose: str = "to combine") -> list[str]:
+    """``adapters`` as a list of existing adapter names, or a ConfigError saying what is
+    wrong (not a list, empty, an unknown name)."""
+    if isinstance(adapters, str) or not hasattr(adapters, "__len__"):
+        raise ConfigError(f"{where}: adapters must be a list of {kind} names; found {adapters!r}")
+    adapters = list(adapters)
+    if not adapters:
+        raise ConfigError(f"{where}: give at least one {kind} {purpose}")
+    for a in adapters:
+        if a not in pm.adapters:
+            raise ConfigError(f"{where}: no adapter named {a!r}; adapters: {pm.adapters}")
+    return adapters
+
+
 def delta_weights(pm, name: str) -> dict[str, torch.Tensor]:
     """Site -> the LoRA's weight update ``scaling * B @ A`` (float32, (out, in))."""
     return {s: f.delta() for s, f in lora_factors(pm, name).items()}

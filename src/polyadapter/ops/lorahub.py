@@ -48,7 +48,7 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import ConfigError
-from .factors import _temporary_name, install_lora, lora_factors
+from .factors import _temporary_name, install_lora, lora_factors, source_names
 
 SCRATCH = "lorahub-scratch"
 
@@ -262,17 +262,11 @@ def _stop_background_threads(search) -> None:
 def _check_inputs(pm, name, adapters, modules_from, budget, regularization, seed, bounds, loss_fn,
                   where) -> list[str]:
     pm.check_new_name(name)
-    if isinstance(adapters, str) or not hasattr(adapters, "__len__"):
-        raise ConfigError(f"{where}: adapters must be a list of LoRA adapter names; found {adapters!r}")
-    adapters = list(adapters)
-    if not adapters:
-        raise ConfigError(f"{where}: give at least one LoRA adapter to compose")
+    adapters = source_names(pm, adapters, where, kind="LoRA adapter", purpose="to compose")
     duplicates = sorted({a for a in adapters if adapters.count(a) > 1})
     if duplicates:
         raise ConfigError(f"{where}: adapters {duplicates} are listed more than once")
     for a in adapters:
-        if a not in pm.adapters:
-            raise ConfigError(f"{where}: no adapter named {a!r}; adapters: {pm.adapters}")
         method = pm.record(a).config.method
         if method != "lora":
             raise ConfigError(f"{where}: adapter {a!r} is a {method} adapter; LoraHub composes LoRA adapters only")
