@@ -26,6 +26,8 @@ mixed batches also train.
 """
 from __future__ import annotations
 
+import itertools
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -61,7 +63,12 @@ class Bucket:
         return self.bank
 
 
-_LAYOUT_IDS: dict[tuple, int] = {}
+# Layout structure -> id, shared by sites of the same structure. Ids are never reused
+# (a counter), so bounding the table (oldest out) only costs a recomputation, never a
+# wrong match; a server that adds and removes adapters for weeks stays bounded.
+_LAYOUT_IDS: OrderedDict[tuple, int] = OrderedDict()
+_LAYOUT_COUNTER = itertools.count()
+_LAYOUT_IDS_MAX = 4096
 _VERSION = attrgetter("_version")  # a tensor's in-place modification counter
 
 
@@ -98,7 +105,11 @@ class Layout:
                 bucket.tensors.extend(list(part.parameters()) + list(part.buffers()))
                 roles[name] = (part.row_role, index[bkey])
         signature = tuple((n, r, slots.get(n)) for n, r in roles.items())
-        layout_id = _LAYOUT_IDS.setdefault(signature, len(_LAYOUT_IDS))
+        layout_id = _LAYOUT_IDS.get(signature)
+        if layout_id is None:
+            layout_id = _LAYOUT_IDS[signature] = next(_LAYOUT_COUNTER)
+            if len(_LAYOUT_IDS) > _LAYOUT_IDS_MAX:
+                _LAYOUT_IDS.popitem(last=False)
         return cls(key, roles, slots, buckets, layout_id)
 
 
