@@ -72,7 +72,7 @@ def test_pattern_matching_wrong_kind_of_module(pm):
 
 
 def test_bad_regex_is_reported(pm):
-    with pytest.raises(pa.TargetError, match="not a valid regular expression"):
+    with pytest.raises(pa.ConfigError, match="not a valid regular expression"):
         pm.add_adapter("x", {"method": "lora", "targets": ["re:(unclosed"]})
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import polyadapter as pa
 from polyadapter import ConfigError, PolyAdapterError, PromptConfig, StateError, TargetError
-from polyadapter.config import config_from_dict
+from polyadapter import config_from_dict
 
 from conftest import make_inputs, make_model, output_of
 

@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 import polyadapter as pa
 from polyadapter import ConfigError, LoadError, SparseConfig
-from polyadapter.config import config_from_dict
+from polyadapter import config_from_dict
 from polyadapter.sites import sites_of
 
 from conftest import MLP_TARGETS, make_inputs, make_model, output_of

@@ -1,13 +1,18 @@
 """polyadapter: parameter-efficient, modular transfer learning on any PyTorch model."""
-__version__ = "0.1.0"
-
+from ._version import __version__  # noqa: F401
 from .compose import Average, BatchSplit, Fuse, Parallel, Stack  # noqa: E402
-from .config import AdapterConfig, config_from_dict  # noqa: E402
+from .config import AdapterConfig  # noqa: E402
 from .errors import (  # noqa: E402
-    AdapterNameError, ConfigError, LoadError, PolyAdapterError, ShapeMismatchError, StateError,
-    TargetError, UnsafeFileError,
+    AdapterNameError,
+    ConfigError,
+    LoadError,
+    PolyAdapterError,
+    ShapeMismatchError,
+    StateError,
+    TargetError,
+    UnsafeFileError,
 )
-from .methods import METHODS  # noqa: E402
+from .methods import METHODS, config_from_dict  # noqa: E402
 from .methods.arrow import ArrowConfig  # noqa: E402
 from .methods.basis import BasisConfig, BasisLoraConfig  # noqa: E402
 from .methods.bottleneck import BottleneckConfig  # noqa: E402

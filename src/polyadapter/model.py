@@ -12,29 +12,36 @@ and installed second, so an error leaves the model as it was.
 """
 from __future__ import annotations
 
-import copy
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .compose import (ROW_LEVEL, Block, BatchSplit, Stack, depends_on, is_plain_stack, names_in, normalize,
-                      prompt_stack)
-from .config import AdapterConfig, config_from_dict
+from .compose import (
+    ROW_LEVEL,
+    BatchSplit,
+    Block,
+    Stack,
+    depends_on,
+    is_plain_stack,
+    names_in,
+    normalize,
+    prompt_stack,
+)
+from .config import AdapterConfig
 from .errors import AdapterNameError, ConfigError, StateError, TargetError
 from .fingerprint import fingerprint
-from .methods import method_spec
+from .methods import config_from_dict, method_spec
 from .methods.prompt import prepare_rows
 from .mixed import RowPlan, replicate_inputs, split_outputs
+from .names import check_name
 from .saved_modules import ModuleCopy
-from .sites import Site, original_modules, resolve_targets, sites_of
+from .sites import Site, original_modules, original_or_site, resolve_targets, sites_of
 from .sites import unwrap as unwrap_site
 from .sites import wrap as wrap_site
 from .state import AdapterRecord, AdapterState
 
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")  # also keys of nn.ModuleDict: no dots
 INPUT_SITE = "input_embeddings"  # file-key prefix of input-level parts (prompt tuning)
 
 
@@ -80,6 +87,8 @@ class AdapterModel(nn.Module):
             p.requires_grad_(False)
         self.input_parts = nn.ModuleDict()
         self.training = model.training  # an eval base stays in eval (no adapter dropout)
+        # The largest adapter plan_adapter builds: a sane memory bound against absurd sizes.
+        self.max_adapter_numel = 2 * sum(p.numel() for p in model.parameters()) + 2**26
         object.__setattr__(self, "state", AdapterState(
             base_fingerprint=fingerprint(dict(model.named_parameters()), model)))
 
@@ -201,8 +210,7 @@ class AdapterModel(nn.Module):
     def check_new_name(self, name, where: str = "") -> None:
         """AdapterNameError unless ``name`` is a valid name no adapter has yet."""
         prefix = f"{where}: " if where else ""
-        if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
-            raise AdapterNameError(f"{prefix}adapter name {name!r} is invalid: use 1-64 letters, digits, '_' or '-'")
+        check_name(name, where)
         if name in self.state.adapters:
             raise AdapterNameError(f"{prefix}an adapter named {name!r} already exists; adapters: {self.adapters}")
 
@@ -218,12 +226,14 @@ class AdapterModel(nn.Module):
         saved = resolve_targets(self.model, config.modules_to_save, lambda m: True, what + " modules_to_save")
         plan = Plan(AdapterRecord(name, config, sites=[], saved_modules=saved))
         if spec.level == "input":
+            self._check_size(spec, config, what, {INPUT_SITE: self.model}, saved, modules)
             plan.input_part = spec.make_part(self.model, config, INPUT_SITE)
         else:
             sites = resolve_targets(self.model, config.targets, spec.accepts, what, exclude=set(saved))
             clash = sorted(set(sites) & set(saved))
             if clash:
                 raise TargetError(f"{what}: {clash[0]!r} is both a target and in modules_to_save")
+            self._check_size(spec, config, what, {site: modules[site] for site in sites}, saved, modules)
             for site in sites:
                 plan.parts[site] = spec.make_part(modules[site], config, site)
             plan.record.sites = sites
@@ -231,17 +241,49 @@ class AdapterModel(nn.Module):
             plan.parts[site] = ModuleCopy(modules[site])
         return plan
 
+    def _check_size(self, spec, config, what: str, at: dict, saved: list[str], modules: dict) -> None:
+        """ConfigError before anything is allocated when the adapter would hold more
+        numbers than ``max_adapter_numel`` (an absurd rank, width or prompt length)."""
+        numel = sum(p.numel() for s in saved for p in modules[s].parameters())  # full copies
+        if spec.size is not None:
+            numel += sum(int(spec.size(module, config, site)) for site, module in at.items())
+        limit = self.max_adapter_numel
+        if numel > limit:
+            raise ConfigError(f"{what} would hold {numel:,} numbers (about {numel * 4 / 2**30:,.1f} GiB in "
+                              f"fp32), more than the limit of {limit:,} (twice the base model plus 64M); check "
+                              f"its rank/width/length fields, or raise AdapterModel.max_adapter_numel")
+
     def install(self, plan: Plan) -> None:
+        """Put a planned adapter into the model, all or nothing: if any step fails, every
+        site wrapped and every part added so far is taken out again before the error
+        propagates, so the module tree and the state are as before."""
         name = plan.record.name
-        for part in plan.all_parts().values():
-            part.train(self.model.training)  # new parts follow the model's train/eval mode
-        for site, part in plan.parts.items():
-            wrap_site(self.model, site, self.state).adapters[name] = part
-        if plan.input_part is not None:
-            self.input_parts[name] = plan.input_part
-        self.state.adapters[name] = plan.record
-        for p in self.adapter_parameters(name).values():
-            p.requires_grad_(False)
+        self.check_new_name(name)
+        wrapped, added = [], []
+        try:
+            for part in plan.all_parts().values():
+                part.train(self.model.training)  # new parts follow the model's train/eval mode
+            for site, part in plan.parts.items():
+                if not isinstance(original_or_site(self.model, site), Site):
+                    wrapped.append(site)
+                holder = wrap_site(self.model, site, self.state)
+                holder.adapters[name] = part
+                added.append(holder)
+            if plan.input_part is not None:
+                self.input_parts[name] = plan.input_part
+            self.state.adapters[name] = plan.record
+            for p in self.adapter_parameters(name).values():
+                p.requires_grad_(False)
+        except BaseException:
+            for holder in added:
+                if name in holder.adapters:
+                    del holder.adapters[name]
+            for site in reversed(wrapped):
+                unwrap_site(self.model, site)
+            if name in self.input_parts:
+                del self.input_parts[name]
+            self.state.adapters.pop(name, None)
+            raise
 
     def remove_adapter(self, name: str) -> None:
         record = self.record(name)
@@ -339,31 +381,47 @@ class AdapterModel(nn.Module):
         sites = sites_of(self.model)
         return any(name in sites[s].merged for s in record.sites)
 
-    def merge_adapter(self, *names: str, safe: bool = False) -> None:
+    def merge_adapter(self, *names: str, safe: bool = True) -> None:
         """Add one or several adapters' weight updates to the base weights; their parts
         then stop computing. All or nothing: every adapter is checked before any weight
-        changes. ``safe`` also merges into copies first and refuses (merging nothing)
-        if any resulting weight holds NaN or inf."""
+        changes, the touched weights are kept aside while merging, and if any step fails
+        or any resulting weight holds NaN or inf, they are put back and nothing is merged.
+        (``safe`` is kept for compatibility; the check always runs.)"""
         if not names:
             raise StateError("merge_adapter needs at least one adapter name")
-        if len(set(names)) != len(names):
-            raise StateError(f"an adapter appears twice in {list(names)}")
+        _refuse_repeats("merge_adapter", names)
         sites = sites_of(self.model)
         plans = {name: self._merge_parts(name, sites) for name in names}
-        if safe:
-            touched = {s for parts in plans.values() for s in parts}
-            for s in touched:
-                probe = copy.deepcopy(sites[s].base)
-                for name, parts in plans.items():
-                    if s in parts:
-                        parts[s].merge(probe)
-                if not all(torch.isfinite(t).all() for t in probe.parameters()):
-                    raise StateError(f"merging {list(names)} gives non-finite weights at site {s!r}; nothing merged")
-        for name, parts in plans.items():
-            for s, part in parts.items():
-                part.merge(sites[s].base)
-                sites[s].merged.append(name)
-            self.state.merged.add(name)
+        touched = sorted({s for parts in plans.values() for s in parts})
+
+        def apply():
+            for name, parts in plans.items():
+                for s, part in parts.items():
+                    part.merge(sites[s].base)
+                    sites[s].merged.append(name)
+            bad = next((s for s in touched if not _finite_module(sites[s].base)), None)
+            if bad is not None:
+                raise StateError(f"merging {list(names)} gives non-finite weights at site {bad!r}; nothing merged")
+            self.state.merged.update(names)
+
+        self._weights_transaction(sites, touched, apply)
+
+    def _weights_transaction(self, sites: dict, touched: list[str], change) -> None:
+        """Run ``change()``; if it raises, restore the touched sites' base weights and
+        merged lists exactly (from copies taken first) and re-raise."""
+        saved = {s: ({k: v.detach().clone() for k, v in sites[s].base.state_dict().items()},
+                     list(sites[s].merged)) for s in touched}
+        merged = set(self.state.merged)
+        try:
+            change()
+        except BaseException:
+            with torch.no_grad():
+                for s, (weights, merged_here) in saved.items():
+                    for k, v in sites[s].base.state_dict().items():
+                        v.copy_(weights[k])
+                    sites[s].merged[:] = merged_here
+            self.state.merged = merged
+            raise
 
     def _merge_parts(self, name: str, sites: dict) -> dict:
         """Site -> part for merging ``name``, or a StateError saying why it cannot be."""
@@ -384,18 +442,26 @@ class AdapterModel(nn.Module):
         return parts
 
     def unmerge_adapter(self, *names: str) -> None:
-        """Take merged adapters back out of the base weights (in reverse order)."""
+        """Take merged adapters back out of the base weights (in reverse order). All or
+        nothing, as :meth:`merge_adapter`: names are checked first (each known, merged
+        and given once), and a failure part-way restores every touched weight."""
         if not names:
             raise StateError("unmerge_adapter needs at least one adapter name")
+        _refuse_repeats("unmerge_adapter", names)
         for name in names:
             if not self.is_merged(name):
                 raise StateError(f"adapter {name!r} is not merged")
         sites = sites_of(self.model)
-        for name in reversed(names):
-            for s in self.record(name).sites:
-                sites[s].adapters[name].unmerge(sites[s].base)
-                sites[s].merged.remove(name)
-            self.state.merged.discard(name)
+        touched = sorted({s for name in names for s in self.record(name).sites})
+
+        def apply():
+            for name in reversed(names):
+                for s in self.record(name).sites:
+                    sites[s].adapters[name].unmerge(sites[s].base)
+                    sites[s].merged.remove(name)
+                self.state.merged.discard(name)
+
+        self._weights_transaction(sites, touched, apply)
 
     def merge_and_unload(self, *names: str, safe: bool = False) -> nn.Module:
         """Bake adapters into the base for good: merge ``names`` (all or nothing, as
@@ -437,6 +503,20 @@ class AdapterModel(nn.Module):
         if activate:
             self.set_active(record.name)
         return record
+
+
+def _refuse_repeats(verb: str, names: tuple) -> None:
+    seen = set()
+    for n in names:
+        if not isinstance(n, str):
+            raise AdapterNameError(f"{verb}: adapter names must be strings; found {n!r}")
+        if n in seen:
+            raise StateError(f"{verb}: adapter {n!r} appears twice in {list(names)}; give each name once")
+        seen.add(n)
+
+
+def _finite_module(module: nn.Module) -> bool:
+    return all(torch.isfinite(t).all() for t in module.parameters() if t.is_floating_point())
 
 
 def _tied_weights(model: nn.Module, parts: dict, sites: dict) -> tuple[str, str] | None:

@@ -97,6 +97,12 @@ def _parent_and_attr(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return parent, parts[-1]
 
 
+def original_or_site(model: nn.Module, name: str) -> nn.Module:
+    """What sits at canonical ``name`` now: its Site when wrapped, else the module."""
+    parent, attr = _parent_and_attr(model, name)
+    return getattr(parent, attr)
+
+
 def wrap(model: nn.Module, name: str, state) -> Site:
     """Wrap the module at canonical ``name`` (idempotent) and return its Site."""
     parent, attr = _parent_and_attr(model, name)

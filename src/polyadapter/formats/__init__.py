@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import LoadError
+from ..errors import ConfigError, LoadError
 from . import native
 from .files import refuse_pickle
+from .folders import recover
 
 FORMATS = ("native", "peft")
 
@@ -16,11 +17,12 @@ def save_adapter(model, name: str, path: Path, format: str = "native", overwrite
     if format == "peft":
         from . import peft
         return peft.save(model, name, path, overwrite=overwrite)
-    raise ValueError(f"unknown adapter format {format!r}; choose one of {FORMATS}")
+    raise ConfigError(f"unknown adapter format {format!r}; choose one of {FORMATS}")
 
 
 def detect_format(path: Path) -> str:
     path = Path(path)
+    recover(path)  # an interrupted replacement of this folder is finished or undone first
     if not path.exists():
         raise LoadError(f"{path}: no such file or folder")
     refuse_pickle(path)
@@ -48,11 +50,11 @@ def convert(src: Path, dst: Path, to: str, overwrite: bool = False) -> Path:
     fingerprint is then unknown and left empty). The write is atomic; an existing
     ``dst`` is kept unless ``overwrite``."""
     if to not in FORMATS:
-        raise ValueError(f"unknown adapter format {to!r}; choose one of {FORMATS}")
+        raise ConfigError(f"unknown adapter format {to!r}; choose one of {FORMATS}")
     src, dst = Path(src), Path(dst)
     fmt = detect_format(src)
     if fmt == to:
-        raise ValueError(f"{src} is already in the {to} format; nothing to convert")
+        raise ConfigError(f"{src} is already in the {to} format; nothing to convert")
     from . import peft
     if to == "peft":
         return peft.native_to_peft_folder(src, dst, overwrite=overwrite)

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import LoadError, ShapeMismatchError, UnsafeFileError
+from ..validate import finite_or_text
+from .folders import replace_folder
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -33,21 +32,93 @@ def refuse_pickle(path: Path) -> None:
             raise UnsafeFileError(f"{path}: holds only pickle-based weights {pickles}. {_CONVERT_HINT}")
 
 
+MAX_JSON_BYTES = 64 * 2**20      # an adapter's JSON is kilobytes; refuse absurd files before parsing
+MAX_HEADER_BYTES = 100 * 2**20   # safetensors' own limit for its JSON header
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"key {dup!r} appears twice in one object, so its value is ambiguous")
+    return dict(pairs)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text} is beyond the range of a float")
+    return value
+
+
+def parse_json(text: str, where: str):
+    """Strict JSON: no NaN/Infinity, no numbers that overflow to infinity, no key twice in
+    one object, no nesting deep enough to exhaust the parser. LoadError naming ``where``."""
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant,
+                          parse_float=_finite_float)
+    except RecursionError:
+        raise LoadError(f"{where}: JSON nested too deeply to read") from None
+    except (json.JSONDecodeError, ValueError) as e:
+        raise LoadError(f"{where}: not valid JSON ({e})") from None
+
+
 def read_json(path: Path) -> dict:
     if not path.is_file():
         raise LoadError(f"{path}: file not found")
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise LoadError(f"{path}: {size:,} bytes is too large for an adapter's JSON file "
+                        f"(limit {MAX_JSON_BYTES:,})")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
         raise LoadError(f"{path}: not valid JSON ({e})") from None
+    data = parse_json(text, str(path))
     if not isinstance(data, dict):
         raise LoadError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
 
 
+def dump_json(data) -> str:
+    """Strict JSON text (non-finite floats written as text, see ``validate.finite_or_text``)."""
+    return json.dumps(finite_or_text(data), indent=2, allow_nan=False) + "\n"
+
+
+def check_safetensors_header(path: Path) -> None:
+    """Refuse a safetensors file whose header is oversized, not strict JSON, or names a
+    tensor twice (the library would silently keep one of them)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise LoadError(f"{path}: cannot read safetensors (file is {len(head)} bytes, shorter than "
+                                f"its 8-byte header length)")
+            n = int.from_bytes(head, "little")
+            size = path.stat().st_size
+            if n > MAX_HEADER_BYTES or n > size - 8:
+                raise LoadError(f"{path}: cannot read safetensors (header length {n:,} does not fit a "
+                                f"{size:,}-byte file)")
+            header = f.read(n)
+    except OSError as e:
+        raise LoadError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        text = header.decode("utf-8")
+    except UnicodeDecodeError:
+        raise LoadError(f"{path}: cannot read safetensors (header is not UTF-8)") from None
+    parsed = parse_json(text.rstrip(" "), f"{path} (safetensors header)")
+    if not isinstance(parsed, dict):
+        raise LoadError(f"{path}: cannot read safetensors (header is not a JSON object)")
+
+
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise LoadError(f"{path}: file not found")
+    check_safetensors_header(path)
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
@@ -72,34 +143,23 @@ def check_tensors(found: dict[str, torch.Tensor], expected: dict[str, torch.Tens
                 f"{where}: tensor {key!r} has shape {tuple(got.shape)}, the model expects {tuple(want.shape)}")
         if got.dtype.is_floating_point != want.dtype.is_floating_point:
             raise LoadError(f"{where}: tensor {key!r} has dtype {got.dtype}, the model expects {want.dtype}")
-        if got.is_floating_point() and not torch.isfinite(got).all():
-            raise LoadError(f"{where}: tensor {key!r} holds NaN or inf values")
+        if got.is_floating_point():
+            if not torch.isfinite(got).all():
+                raise LoadError(f"{where}: tensor {key!r} holds NaN or inf values")
+            if got.dtype != want.dtype and not torch.isfinite(got.to(want.dtype)).all():
+                raise LoadError(f"{where}: tensor {key!r} holds values beyond the range of {want.dtype}, the "
+                                f"model's dtype for it (they would become inf)")
 
 
 def write_folder(dst: Path, files: dict[str, object], overwrite: bool = False) -> Path:
     """Write ``files`` (name -> dict for JSON, or dict of tensors for ``*.safetensors``)
-    into ``dst`` atomically: everything is written to a temporary sibling folder that
-    replaces ``dst`` only once complete. An existing ``dst`` is kept unless ``overwrite``."""
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst}: already exists; pass overwrite=True to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    as the folder ``dst``, through :func:`folders.replace_folder`: all or nothing, an
+    existing ``dst`` kept unless ``overwrite`` and replaced only if it is an adapter folder."""
+    def fill(tmp: Path) -> None:
         for name, content in files.items():
             if name.endswith(".safetensors"):
                 save_file({k: v.detach().contiguous().cpu() for k, v in content.items()}, str(tmp / name))
             else:
-                (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
+                (tmp / name).write_text(dump_json(content), encoding="utf-8")
+
+    return replace_folder(Path(dst), fill, overwrite=overwrite)

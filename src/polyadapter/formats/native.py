@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
-from ..config import config_from_dict
-from ..errors import LoadError, PolyAdapterError
+from .._version import __version__
+from ..errors import ConfigError, LoadError, PolyAdapterError
+from ..methods import config_from_dict
+from ..validate import NativeMeta, check_file
 from . import compeft
 from .files import check_tensors, read_json, read_safetensors, write_folder
 
@@ -94,12 +95,27 @@ def write(path: Path, *, name: str, config, sites: list[str], saved_modules: lis
 
 
 def read_meta(path: Path) -> dict:
-    meta = read_json(path / CONFIG_FILE)
+    """``polyadapter.json`` of the folder ``path``, checked field by field (types, finite
+    numbers, no unknown field; the method config by its own fields) before anything uses it."""
+    file = path / CONFIG_FILE
+    return check_meta(read_json(file), str(file))
+
+
+def check_meta(meta: dict, file: str) -> dict:
+    """``meta`` (a ``polyadapter.json`` content, from ``file``) if every field is valid."""
+    if not isinstance(meta, dict):
+        raise LoadError(f"{file}: expected a JSON object, found {type(meta).__name__}")
     if meta.get("format") != FORMAT:
-        raise LoadError(f"{path / CONFIG_FILE}: not a polyadapter adapter (format={meta.get('format')!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise LoadError(f"{path / CONFIG_FILE}: format version {meta['format_version']} is newer than this "
+        raise LoadError(f"{file}: not a polyadapter adapter (format={meta.get('format')!r})")
+    version = meta.get("format_version", 0)
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise LoadError(f"{file}: format version {version} is newer than this "
                         f"polyadapter ({__version__}) reads; upgrade polyadapter")
+    check_file(NativeMeta, meta, str(file))
+    try:
+        config_from_dict(meta["config"], where=f"{file}: config")
+    except ConfigError as e:
+        raise LoadError(str(e)) from None
     return meta
 
 
@@ -123,23 +139,34 @@ def read_weights(path: Path, meta: dict) -> tuple[Path, dict[str, torch.Tensor]]
 
 
 def load(model, path: Path, name: str | None = None):
+    """Load the native folder ``path`` into ``model`` as a new adapter."""
     meta = read_meta(path)
-    where = str(path / CONFIG_FILE)
-    config = config_from_dict(meta.get("config"), where=where)
+    file, tensors = read_weights(path, meta)
+    return load_from(model, meta, tensors, where=str(path), weights_where=str(file), name=name)
+
+
+def load_from(model, meta: dict, tensors: dict[str, torch.Tensor], where: str, weights_where: str | None = None,
+              name: str | None = None):
+    """Install an adapter from a native folder's parts already in memory: ``meta`` (the
+    ``polyadapter.json`` content, checked by :func:`read_meta`) and ``tensors`` (its
+    unpacked weights). Used by folder loads and by the adapter store. Everything is
+    checked before the model changes; ``where`` names the source in errors."""
+    weights_where = weights_where or where
+    check_meta(meta, where)
+    config = config_from_dict(meta.get("config"), where=f"{where}: config")
     name = name or meta.get("name")
     try:
         plan = model.plan_adapter(name, config)
     except PolyAdapterError as e:
-        raise type(e)(f"{path}: {e}") from None
+        raise type(e)(f"{where}: {e}") from None
     want_sites = list(meta.get("sites", []))
     if set(plan.record.sites) != set(want_sites):
         missing = sorted(set(want_sites) - set(plan.record.sites))
         extra = sorted(set(plan.record.sites) - set(want_sites))
         raise LoadError(f"{where}: the adapter's sites do not fit this model: "
                         f"saved sites not found here {missing[:3]}, sites here not in the file {extra[:3]}")
-    file, tensors = read_weights(path, meta)
-    check_tensors(tensors, plan.state_dict(), str(file))
-    _compare_fingerprint(meta.get("base_model", {}), model.state.base_fingerprint, path)
+    check_tensors(tensors, plan.state_dict(), weights_where)
+    _compare_fingerprint(meta.get("base_model", {}), model.state.base_fingerprint, where)
     plan.load_tensors(tensors)
     plan.record.provenance = dict(meta.get("provenance", {}))
     model.install(plan)

@@ -52,10 +52,26 @@ from pathlib import Path
 
 import torch
 
-from ..config import config_from_dict
-from ..errors import ConfigError, LoadError, PolyAdapterError, ShapeMismatchError, TargetError, UnsafeFileError
+from ..errors import (
+    ConfigError,
+    LoadError,
+    PolyAdapterError,
+    ShapeMismatchError,
+    TargetError,
+    UnsafeFileError,
+)
+from ..methods import config_from_dict
+from ..names import safe_name
 from ..sites import matches, matches_any, original_modules, pattern_value
-from .files import _CONVERT_HINT, check_tensors, read_json, read_safetensors, refuse_pickle, write_folder
+from ..validate import PeftFields, check_file
+from .files import (
+    _CONVERT_HINT,
+    check_tensors,
+    read_json,
+    read_safetensors,
+    refuse_pickle,
+    write_folder,
+)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -124,6 +140,15 @@ def from_peft(peft_config: dict, peft_tensors: dict[str, torch.Tensor], where: s
     rest: dict[str, torch.Tensor] = {}
     adapter_names: set[str] = set()
     foreign: list[str] = []
+    origin: dict[tuple[str, str], str] = {}  # (site or module, parameter) -> the file key it came from
+
+    def claim(owner: str, param: str, key: str) -> None:
+        """Two file keys for one weight (e.g. with and without the adapter name): ambiguous."""
+        if (owner, param) in origin:
+            raise LoadError(f"{where}: tensors {origin[(owner, param)]!r} and {key!r} are both the {param} of "
+                            f"{owner!r}; the file is ambiguous, so it is refused")
+        origin[(owner, param)] = key
+
     for key, t in peft_tensors.items():
         k = key[len(PREFIX):] if key.startswith(PREFIX) else key
         if m := _LORA_KEY.fullmatch(k) or _LORA_EMB_KEY.fullmatch(k):
@@ -131,6 +156,7 @@ def from_peft(peft_config: dict, peft_tensors: dict[str, torch.Tensor], where: s
         elif m := _IA3_KEY.fullmatch(k):
             kind = "ia3"
         elif m := _SAVED_NAMED_KEY.fullmatch(k):
+            claim(m["module"], m["param"], key)
             named_saved.append((m["module"], m["param"], t))
             adapter_names.add(m["adapter"])
             continue
@@ -144,6 +170,7 @@ def from_peft(peft_config: dict, peft_tensors: dict[str, torch.Tensor], where: s
             foreign.append(key)
             continue
         param = "ia3_l" if kind == "ia3" else "lora_" + m["param"][-1]
+        claim(m["site"], param, key)
         parts.setdefault(m["site"], {})[param] = t
         if m["adapter"] is not None:
             adapter_names.add(m["adapter"])
@@ -178,6 +205,7 @@ def from_peft(peft_config: dict, peft_tensors: dict[str, torch.Tensor], where: s
         if owner is None:
             other[k] = t
         else:
+            claim(owner, k[len(owner) + 1:], k)
             named_saved.append((owner, k[len(owner) + 1:], t))
     for owner, param, t in named_saved:
         if owner not in saved:
@@ -238,6 +266,13 @@ def _check_fields(cfg: dict, peft_type: str, where: str) -> None:
                                         "works on that modified base. Save it from PEFT with "
                                         "save_pretrained(..., path_initial_model_for_weight_conversion=...) to "
                                         "get a plain LoRA, and load that")
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern in cfg.get(key) or {}:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise LoadError(f"{where}: PEFT config {key} key {pattern!r} is not a valid regular expression: "
+                                f"{e}") from None
     for key, value in cfg.items():
         if key in _IGNORED or key in _HANDLED[peft_type]:
             continue
@@ -519,6 +554,7 @@ def read_folder(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not path.is_dir():
         raise LoadError(f"{path}: not a folder; a PEFT adapter is a folder with {CONFIG_FILE} and {WEIGHTS_FILE}")
     config = read_json(path / CONFIG_FILE)
+    check_file(PeftFields, config, str(path / CONFIG_FILE))
     if not (path / WEIGHTS_FILE).is_file():
         if (path / PICKLE_FILE).is_file():
             raise UnsafeFileError(f"{path}: holds {PICKLE_FILE} (pickle) but no {WEIGHTS_FILE}. {_CONVERT_HINT}")
@@ -595,9 +631,7 @@ def _provenance(peft_config: dict) -> dict:
 
 
 def _name_from(path: Path) -> str:
-    name = re.sub(r"[^A-Za-z0-9_\-]", "_", Path(path).resolve().name)[:64]
-    from ..model import ADAPTER_NAME
-    return name if ADAPTER_NAME.fullmatch(name) else "default"
+    return safe_name(Path(path).resolve().name)
 
 
 # ====================================================================== file level

@@ -16,39 +16,11 @@ embeddings of the whole model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
-from torch import nn
+import dataclasses
 
 from ..config import AdapterConfig
 from ..errors import ConfigError
-from ..presets import model_family, preset
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    name: str
-    config_cls: type
-    make_part: Callable[[nn.Module, AdapterConfig, str], nn.Module]
-    fill_defaults: Callable[[nn.Module, AdapterConfig], AdapterConfig]
-    accepts: Callable[[nn.Module], bool] | None = None
-    level: str = "site"
-    summary: str = ""
-
-
-def with_preset_targets(model: nn.Module, config: AdapterConfig, key: str) -> AdapterConfig:
-    """``config`` with ``targets`` taken from the family preset ``key`` when unset."""
-    if config.targets is not None:
-        return config
-    patterns = preset(model, key)
-    if patterns is None:
-        raise ConfigError(
-            f"{config.method} config: no target preset {key!r} for model type "
-            f"{getattr(getattr(model, 'config', None), 'model_type', type(model).__name__)!r} "
-            f"(family {model_family(model)!r}); pass targets=[...] (module-name patterns, or 'all-linear')"
-        )
-    return config.replace(targets=list(patterns))
+from .spec import MethodSpec, with_preset_targets  # noqa: F401  (re-exported)
 
 
 def _registry() -> dict[str, MethodSpec]:
@@ -65,3 +37,25 @@ def method_spec(name: str) -> MethodSpec:
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; known methods: {sorted(METHODS)}")
     return METHODS[name]
+
+
+def config_from_dict(data: dict, where: str = "config") -> AdapterConfig:
+    """Build a method config from a JSON-like dict, refusing unknown methods and keys,
+    values of the wrong type and non-finite numbers; errors name ``where`` and the field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a JSON object, found {type(data).__name__}")
+    data = dict(data)
+    method = data.pop("method", None)
+    if not isinstance(method, str) or method not in METHODS:
+        raise ConfigError(f"{where}: unknown method {method!r}; known methods: {sorted(METHODS)}")
+    cls = METHODS[method].config_cls
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown} for method {method!r}; allowed: {sorted(allowed)}")
+    try:
+        return cls(**data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None

@@ -52,7 +52,7 @@ from ..config import AdapterConfig
 from ..errors import AdapterNameError, ConfigError, StateError
 from ..kernels import lora_delta
 from ..sites import LINEAR_TYPES, sites_of
-from . import MethodSpec
+from .spec import MethodSpec
 
 
 @dataclass

@@ -40,7 +40,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..errors import ConfigError, StateError
 from ..sites import LINEAR_TYPES, linear_dims, pattern_value, sites_of
-from . import MethodSpec, with_preset_targets
+from .spec import MethodSpec, with_preset_targets
 
 
 def _dims(module: nn.Module) -> tuple[int, int, bool, bool]:
@@ -65,6 +65,7 @@ class BasisConfig(AdapterConfig):
     id, and one fitted against another basis is refused."""
 
     method: ClassVar[str] = "basis"
+    pattern_fields: ClassVar[tuple[str, ...]] = ("targets", "modules_to_save", "rank_pattern")
     rank: int = 8
     rank_pattern: dict[str, int] | None = None
     trainable: bool = False

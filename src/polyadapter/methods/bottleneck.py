@@ -35,7 +35,7 @@ from ..config import AdapterConfig
 from ..errors import TargetError
 from ..kernels import gathered_linear
 from ..sites import LINEAR_TYPES, module_dims
-from . import MethodSpec, with_preset_targets
+from .spec import MethodSpec, with_preset_targets
 
 MODES = ("sequential", "parallel")
 PLACEMENTS = ("houlsby", "pfeiffer")
@@ -232,6 +232,13 @@ def _fill_defaults(model: nn.Module, config: BottleneckConfig) -> BottleneckConf
     return with_preset_targets(model, config, key)
 
 
+def _size(module: nn.Module, config: BottleneckConfig, site: str) -> int:
+    in_w, out_w = module_dims(module)
+    read = in_w if config.mode == "parallel" else out_w
+    hidden = config.bottleneck_width(read)
+    return hidden * (read + out_w + 1) + out_w
+
+
 SPEC = MethodSpec(
     name="bottleneck",
     config_cls=BottleneckConfig,
@@ -239,4 +246,5 @@ SPEC = MethodSpec(
     fill_defaults=_fill_defaults,
     accepts=_accepts,
     summary="bottleneck adapter (down, non-linearity, up) after or beside a layer or sub-layer",
+    size=_size,
 )

@@ -31,7 +31,7 @@ from ..compose import first_tensor
 from ..config import AdapterConfig
 from ..errors import ConfigError
 from ..sites import module_dims, sites_of
-from . import MethodSpec
+from .spec import MethodSpec
 
 
 @dataclass

@@ -12,7 +12,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..presets import preset
 from ..sites import LINEAR_TYPES, linear_dims, matches_any
-from . import MethodSpec, with_preset_targets
+from .spec import MethodSpec, with_preset_targets
 
 
 @dataclass
@@ -21,6 +21,7 @@ class IA3Config(AdapterConfig):
     the family preset when ``targets`` is also unset, else no site is feed-forward."""
 
     method: ClassVar[str] = "ia3"
+    pattern_fields: ClassVar[tuple[str, ...]] = ("targets", "modules_to_save", "feedforward")
     feedforward: list[str] | None = None
 
     def validate(self):

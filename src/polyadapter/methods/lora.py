@@ -23,7 +23,7 @@ from ..config import AdapterConfig
 from ..errors import ConfigError
 from ..kernels import lora_delta
 from ..sites import LINEAR_TYPES, linear_dims, pattern_value
-from . import MethodSpec, with_preset_targets
+from .spec import MethodSpec, with_preset_targets
 
 INITS = ("default", "gaussian", "pissa")
 
@@ -31,6 +31,7 @@ INITS = ("default", "gaussian", "pissa")
 @dataclass
 class LoraConfig(AdapterConfig):
     method: ClassVar[str] = "lora"
+    pattern_fields: ClassVar[tuple[str, ...]] = ("targets", "modules_to_save", "rank_pattern", "alpha_pattern")
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -210,6 +211,14 @@ def _accepts(module: nn.Module) -> bool:
     return isinstance(module, LINEAR_TYPES + (nn.Embedding,))
 
 
+def _size(module: nn.Module, config: LoraConfig, site: str) -> int:
+    if isinstance(module, nn.Embedding):
+        dims = module.num_embeddings + module.embedding_dim
+    else:
+        dims = sum(linear_dims(module))
+    return config.rank_for(site) * dims * (2 if config.init == "pissa" else 1)  # PiSSA keeps A0, B0 too
+
+
 SPEC = MethodSpec(
     name="lora",
     config_cls=LoraConfig,
@@ -217,4 +226,5 @@ SPEC = MethodSpec(
     fill_defaults=lambda model, cfg: with_preset_targets(model, cfg, "lora"),
     accepts=_accepts,
     summary="low-rank update B@A beside Linear / Conv1D / Embedding layers",
+    size=_size,
 )

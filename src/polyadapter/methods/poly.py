@@ -56,7 +56,6 @@ from torch import nn
 from ..config import AdapterConfig
 from ..errors import ConfigError, StateError
 from ..sites import LINEAR_TYPES, linear_dims, sites_of
-from . import MethodSpec
 from .arrow import (
     bind_sites,
     bound_site,
@@ -67,6 +66,7 @@ from .arrow import (
     part_tensors,
     tensors_key,
 )
+from .spec import MethodSpec
 
 MODES = ("mhr_z", "mhr", "poly")
 INITS = ("random", "zeros")

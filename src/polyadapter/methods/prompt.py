@@ -34,7 +34,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..errors import ConfigError, PolyAdapterError, TargetError
 from ..sites import Site
-from . import MethodSpec
+from .spec import MethodSpec
 
 INITS = ("vocab", "random", "tokens")
 IGNORE_INDEX = -100  # Hugging Face's label value for "no loss here"
@@ -269,6 +269,10 @@ def _accepts(model: nn.Module, arg: str) -> bool:
         return False
 
 
+def _size(model: nn.Module, config: PromptConfig, site: str) -> int:
+    return config.num_virtual_tokens * input_embedding_layer(model).weight.shape[1]
+
+
 SPEC = MethodSpec(
     name="prompt",
     config_cls=PromptConfig,
@@ -276,4 +280,5 @@ SPEC = MethodSpec(
     fill_defaults=lambda model, cfg: cfg,
     level="input",
     summary="trainable virtual-token embeddings prepended to the input (prompt tuning)",
+    size=_size,
 )

@@ -32,7 +32,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..errors import LoadError
 from ..sites import LINEAR_TYPES
-from . import MethodSpec, with_preset_targets
+from .spec import MethodSpec, with_preset_targets
 
 SELECTIONS = ("random", "magnitude")
 

@@ -18,7 +18,17 @@ import json
 import re
 from pathlib import Path
 
-from .cli import CLIError, _add_data_args, _table, adapter_folder, describe
+from .common import (
+    SEED,
+    SHARE,
+    WEIGHT,
+    CLIError,
+    _add_data_args,
+    _table,
+    adapter_folder,
+    count,
+)
+from .describe import describe
 
 
 # ---------------------------------------------------------------------- loading
@@ -26,9 +36,12 @@ def load_with_adapters(paths: list[str], model: str | None, heads_from: int = 0)
     """(AdapterModel, tokenizer, adapter names, label names or None): the base model the
     ``heads_from``-th adapter was trained on (or ``model``) with every folder loaded
     under its own name; the label names are that adapter's, from its provenance."""
-    from .basemodels import load_classifier
-    from .model import AdapterModel
+    from ..basemodels import load_classifier
+    from ..model import AdapterModel
 
+    if not 0 <= heads_from < len(paths):
+        raise CLIError(f"--heads-from {heads_from}: there are {len(paths)} adapters, so it must be 0 to "
+                       f"{len(paths) - 1}")
     folders = [adapter_folder(p) for p in paths]
     descs = [describe(f) for f in folders]  # validates every folder before the model loads
     prov = descs[heads_from]["provenance"] or {}
@@ -45,7 +58,7 @@ def load_with_adapters(paths: list[str], model: str | None, heads_from: int = 0)
 
 
 def _head_width(folder: Path) -> int | None:
-    from .cli import _safetensors_shapes
+    from .describe import _safetensors_shapes
     for file in ("adapter.safetensors", "adapter_model.safetensors"):
         if (folder / file).is_file():
             for key, shape in _safetensors_shapes(folder / file).items():
@@ -63,6 +76,12 @@ def _free_name(pm, name: str) -> str:
     return out
 
 
+def _check_out(args, kind: str = "adapter") -> None:
+    """Refuse an --out that cannot be written before anything is loaded."""
+    from ..formats.folders import check_destination
+    check_destination(Path(args.out), args.overwrite, kind=kind)
+
+
 def _save(pm, name: str, out: str, fmt: str, overwrite: bool) -> Path:
     return pm.save_adapter(name, out, format=fmt, overwrite=overwrite)
 
@@ -73,9 +92,10 @@ def _report(args, rows: list[tuple[str, str]], data: dict) -> None:
 
 # ---------------------------------------------------------------------- verbs
 def cmd_combine(args) -> int:
-    from .ops.combine import combine
+    from ..ops.combine import combine
     if args.weights is not None and len(args.weights) != len(args.adapters):
         raise CLIError(f"--weights has {len(args.weights)} values for {len(args.adapters)} adapters")
+    _check_out(args)
     pm, _, names, _ = load_with_adapters(args.adapters, args.model, args.heads_from)
     weights = args.weights or [1.0 / len(names)] * len(names)
     opts = {k: v for k, v in (("rank", args.rank), ("density", args.density), ("seed", args.seed)) if v is not None}
@@ -94,7 +114,8 @@ def cmd_compress(args) -> int:
         return _shared_basis(args)
     if len(args.adapters) != 1:
         raise CLIError(f"--method {args.method} compresses one adapter; found {len(args.adapters)}")
-    from .ops.compress import compeft, svd_compress
+    _check_out(args)
+    from ..ops.compress import compeft, svd_compress
     pm, _, (name,), _ = load_with_adapters(args.adapters, args.model)
     if args.method == "svd":
         if (args.rank is None) == (args.energy is None):
@@ -113,12 +134,16 @@ def cmd_compress(args) -> int:
 
 
 def _shared_basis(args) -> int:
-    from .ops.shared_basis import compress_to_shared_basis
+    from ..ops.shared_basis import compress_to_shared_basis
     if args.rank is None:
         raise CLIError("--method shared-basis needs --rank (the shared basis size k)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"{out}: is a file; --out of shared-basis is a folder that gets one adapter folder per result")
+    from ..formats.folders import check_destination
+    check_destination(out / "basis", args.overwrite)
     pm, _, names, _ = load_with_adapters(args.adapters, args.model)
     summary = compress_to_shared_basis(pm, names, "basis", rank=args.rank, suffix="-jd")
-    out = Path(args.out)
     written = [_save(pm, "basis", str(out / "basis"), "native", args.overwrite)]
     for n in names:
         written.append(_save(pm, f"{n}-jd", str(out / f"{n}-jd"), "native", args.overwrite))
@@ -130,21 +155,26 @@ def _shared_basis(args) -> int:
 
 
 def cmd_merge(args) -> int:
+    from ..formats.folders import replace_folder
+    _check_out(args, kind="model")
     pm, tokenizer, names, _ = load_with_adapters(args.adapters, args.model)
-    model = pm.merge_and_unload(*names, safe=not args.unsafe)
+    model = pm.merge_and_unload(*names)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise CLIError(f"{out} exists and is not empty; pass --overwrite to replace its files")
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    replace_folder(out, fill, overwrite=args.overwrite, kind="model")
     _report(args, [("merged", ", ".join(names)), ("model folder", str(out))],
             {"merged": names, "path": str(out)})
     return 0
 
 
 def cmd_lorahub(args) -> int:
-    from .data import load_dataset, relabel, split
-    from .ops.lorahub import lorahub
+    from ..data import load_dataset, relabel, split
+    from ..ops.lorahub import lorahub
+    _check_out(args)
     pm, tokenizer, names, label_names = load_with_adapters(args.adapters, args.model, args.heads_from)
     data = load_dataset(args.data, args.text_column, args.label_column)
     if label_names:
@@ -180,12 +210,12 @@ def add_parsers(sub) -> None:
                                    "*_svd variants of the last four.")
     common(c)
     c.add_argument("--method", default="linear")
-    c.add_argument("--weights", type=float, nargs="+", help="one per adapter (default: uniform)")
-    c.add_argument("--rank", type=int, help="target rank (svd methods)")
-    c.add_argument("--density", type=float, help="share of entries kept (ties, dare, magnitude_prune)")
+    c.add_argument("--weights", type=WEIGHT, nargs="+", help="one per adapter (default: uniform)")
+    c.add_argument("--rank", type=count(1, 65_536), help="target rank (svd methods)")
+    c.add_argument("--density", type=SHARE, help="share of entries kept (ties, dare, magnitude_prune)")
     c.add_argument("--majority-sign", choices=("total", "frequency"), help="TIES sign election")
-    c.add_argument("--seed", type=int, help="DARE's random drop")
-    c.add_argument("--heads-from", type=int, default=0, metavar="I",
+    c.add_argument("--seed", type=SEED, help="DARE's random drop")
+    c.add_argument("--heads-from", type=count(0, 10_000), default=0, metavar="I",
                    help="copy the I-th adapter's modules_to_save (e.g. its head) into the result (default 0)")
     c.set_defaults(func=cmd_combine)
 
@@ -196,16 +226,15 @@ def add_parsers(sub) -> None:
                                    "--rank plus a small matrix per adapter.")
     common(z)
     z.add_argument("--method", choices=("svd", "compeft", "shared-basis"), required=True)
-    z.add_argument("--rank", type=int)
-    z.add_argument("--energy", type=float, help="share of squared singular values kept (svd)")
-    z.add_argument("--density", type=float, help="share of entries kept (compeft; default 0.1)")
+    z.add_argument("--rank", type=count(1, 65_536))
+    z.add_argument("--energy", type=SHARE, help="share of squared singular values kept (svd)")
+    z.add_argument("--density", type=SHARE, help="share of entries kept (compeft; default 0.1)")
     z.set_defaults(func=cmd_compress)
 
     m = sub.add_parser("merge", help="bake adapters into the base and save a plain model folder",
                        description="Merge the adapters' updates (and their head copies) into the base weights "
                                    "and save the result with save_pretrained (safetensors).")
     common(m, formats=False)
-    m.add_argument("--unsafe", action="store_true", help="skip the NaN/inf check of the merged weights")
     m.set_defaults(func=cmd_merge)
 
     h = sub.add_parser("lorahub", help="find a combination of LoRAs for a task from a few examples (no gradients)",
@@ -213,9 +242,9 @@ def add_parsers(sub) -> None:
                                    "(nevergrad) to minimise the loss on --shots labelled examples.")
     common(h)
     _add_data_args(h)
-    h.add_argument("--shots", type=int, default=32)
-    h.add_argument("--budget", type=int, default=40, help="loss evaluations")
-    h.add_argument("--seed", type=int, default=0)
-    h.add_argument("--heads-from", type=int, default=0, metavar="I")
+    h.add_argument("--shots", type=count(1, 100_000), default=32)
+    h.add_argument("--budget", type=count(1, 100_000), default=40, help="loss evaluations")
+    h.add_argument("--seed", type=SEED, default=0)
+    h.add_argument("--heads-from", type=count(0, 10_000), default=0, metavar="I")
     h.add_argument("--quiet", action="store_true", help="no progress bar")
     h.set_defaults(func=cmd_lorahub)
