@@ -87,3 +87,34 @@ def bert():
 @pytest.fixture
 def llama():
     return make_model("llama")
+
+
+# ---------------------------------------------------------------------- snapshots
+def snapshot(pm) -> dict:
+    """Everything a refused call must leave as it was: every parameter and buffer (values,
+    dtype, requires_grad), the module tree (names and types), the adapters (names, configs,
+    sites), the active setup, the merged set and the train/eval mode."""
+    return {
+        "tensors": {n: (t.detach().clone(), t.dtype, t.requires_grad)
+                    for n, t in list(pm.named_parameters()) + list(pm.named_buffers())},
+        "modules": [(n, type(m).__name__) for n, m in pm.named_modules()],
+        "state_dict_keys": list(pm.state_dict().keys()),
+        "adapters": {n: (r.config.to_dict(), list(r.sites), list(r.saved_modules), dict(r.provenance))
+                     for n, r in pm.state.adapters.items()},
+        "setup": repr(pm.state.setup), "active": pm.state.active,
+        "merged": sorted(pm.state.merged),
+        "site_merged": {n: list(m.merged) for n, m in pm.named_modules() if hasattr(m, "merged")},
+        "training": [m.training for m in pm.modules()],
+    }
+
+
+def assert_same_snapshot(before: dict, after: dict) -> None:
+    for key in before:
+        if key == "tensors":
+            assert before[key].keys() == after[key].keys()
+            for n, (t, dtype, grad) in before[key].items():
+                t2, dtype2, grad2 = after[key][n]
+                assert dtype == dtype2 and grad == grad2, n
+                assert torch.equal(t, t2), f"{n} changed"
+        else:
+            assert before[key] == after[key], key

@@ -22,6 +22,8 @@ inputs, so they may only appear as names or inside a ``Stack`` — not inside
 """
 from __future__ import annotations
 
+import math
+import numbers
 from functools import partial
 from typing import Union
 
@@ -71,6 +73,12 @@ class Average(Block):
         n = len(self.children)
         if weights is None:
             weights = [1.0 / n] * n if n else []
+        if isinstance(weights, (str, bytes)) or not hasattr(weights, "__iter__"):
+            raise ConfigError(f"Average weights must be a list of numbers; found {weights!r}")
+        weights = list(weights)
+        bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w)]
+        if bad:
+            raise ConfigError(f"Average weights must be finite numbers; found {bad[0]!r} in {weights!r}")
         self.weights = tuple(float(w) for w in weights)
 
     def _extra(self) -> str:
@@ -91,6 +99,13 @@ class Fuse(Block):
 class BatchSplit(Block):
     def __init__(self, *children, batch_sizes):
         self.children = _children(children)
+        if isinstance(batch_sizes, (str, bytes)) or not hasattr(batch_sizes, "__iter__"):
+            raise ConfigError(f"BatchSplit batch_sizes must be a list of integers; found {batch_sizes!r}")
+        batch_sizes = list(batch_sizes)
+        bad = [b for b in batch_sizes if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 0]
+        if bad:
+            raise ConfigError(f"BatchSplit batch_sizes must be non-negative integers; found {bad[0]!r} in "
+                              f"{batch_sizes!r}")
         self.batch_sizes = tuple(int(b) for b in batch_sizes)
 
     def _extra(self) -> str:

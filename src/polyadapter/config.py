@@ -12,6 +12,11 @@ from .errors import ConfigError
 from .validate import check_config_fields
 
 
+# Softmax temperatures (fusion, Arrow routing): far below this the scores divided by
+# it overflow to inf and softmax returns NaN (large ones only make the weights uniform).
+MIN_TEMPERATURE = 1e-3
+
+
 @dataclass
 class AdapterConfig:
     """Shared fields. ``targets``: module-name patterns (see ``sites.py``); ``None``
@@ -36,6 +41,8 @@ class AdapterConfig:
                 value = list(value)
                 setattr(self, key, value)
                 self.require(all(isinstance(p, str) and p for p in value), key, "a list of non-empty strings")
+        self.require(self.targets is None or len(self.targets) > 0, "targets",
+                     "a non-empty list of module-name patterns, or None for the model family's preset")
         check_config_fields(self, where=f"{self.method} config")  # types and finite numbers, every field
         for key in self.pattern_fields:
             for pattern in getattr(self, key, None) or ():

@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import math
 import typing
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
@@ -97,7 +97,7 @@ class NativeMeta(BaseModel):
     sites: list[str]
     modules_to_save: list[str] = []
     num_parameters: int = Field(default=0, ge=0)
-    base_model: Fingerprint | dict[str, Any] = {}
+    base_model: Fingerprint | Annotated[dict[str, Any], Field(max_length=0)] = {}  # {}: converted without a base
     provenance: dict[str, Any] = {}
     packing: str | None = None
 

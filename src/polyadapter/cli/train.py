@@ -63,6 +63,7 @@ def run_training(*, model: str, data_spec: str, config: dict, out: Path, epochs:
     if len(train) == 0:
         raise CLIError(f"{data.name}: the split leaves no training examples (--train-size {train_size})")
     net, tokenizer = load_classifier(model, len(data.label_names), data.label_names, seed=seed)
+    check_max_length(net, max_length)
     config = dict(config)
     head = classifier_head(net)
     if "modules_to_save" not in config and head is not None:
@@ -101,6 +102,13 @@ def run_training(*, model: str, data_spec: str, config: dict, out: Path, epochs:
     }
     _write_json(out / METRICS_FILE, summary)
     return summary
+
+
+def check_max_length(net, max_length: int) -> None:
+    """CLIError when --max-length exceeds the positions the model has."""
+    positions = getattr(getattr(net, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and max_length > positions:
+        raise CLIError(f"--max-length {max_length} is more than the model's {positions} positions")
 
 
 def _where(method: str, sites: int, level: str | None, saved: list[str] | None) -> str:
@@ -197,6 +205,7 @@ def cmd_eval(args) -> int:
     pm = AdapterModel(net)
     record = pm.load_adapter(path)
     max_length = args.max_length or (prov.get("training") or {}).get("max_length") or 128
+    check_max_length(net, max_length)
     result = evaluate(pm, part, tokenizer, batch_size=args.batch_size, max_length=max_length,
                       progress=not args.quiet)
     result.update({"adapter": str(path), "method": record.config.method, "data": data.name, "split": what,

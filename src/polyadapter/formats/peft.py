@@ -31,8 +31,8 @@ with them (written as ``re:.*<name>`` here when that differs from our dotted rul
 Where a pattern cannot be carried over exactly (``exclude_modules``,
 ``layers_to_transform``, PEFT's skipping of targets inside ``modules_to_save``, our
 ``all-linear``), the exact site names that the file holds are used instead: the tensors
-say which modules PEFT adapted. ``rank_pattern``/``alpha_pattern`` are read when they
-give every site the same rank and alpha; different ranks per site are refused.
+say which modules PEFT adapted. ``rank_pattern``/``alpha_pattern`` are read into ours,
+resolved to the exact sites whose rank or alpha differs from the config's.
 
 Refused, with the field named: ``use_dora``, ``bias`` other than ``"none"``,
 ``lora_bias``, ``layer_replication``, inits that rewrite the base weights (``pissa*``,

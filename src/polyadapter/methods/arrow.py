@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from ..compose import first_tensor
-from ..config import AdapterConfig
+from ..config import MIN_TEMPERATURE, AdapterConfig
 from ..errors import AdapterNameError, ConfigError, StateError
 from ..kernels import lora_delta
 from ..sites import LINEAR_TYPES, sites_of
@@ -79,7 +79,9 @@ class ArrowConfig(AdapterConfig):
                      and 1 <= self.top_k <= len(self.library), "top_k",
                      f"an integer from 1 to the library's size ({len(self.library)})")
         self.require(isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool)
-                     and self.temperature > 0, "temperature", "a positive number")
+                     and self.temperature >= MIN_TEMPERATURE, "temperature",
+                     f"a number of at least {MIN_TEMPERATURE:g} (smaller ones turn the scores into inf "
+                     f"and the outputs into NaN)")
         self.require(not self.modules_to_save, "modules_to_save", "empty (routing adapters save no module copies)")
 
 

@@ -100,7 +100,8 @@ class BottleneckConfig(AdapterConfig):
         self.require(isinstance(self.residual, bool), "residual", "true or false")
         self.require(self.residual or self.mode == "sequential", "residual",
                      "true in parallel mode (a parallel adapter always adds to the site output)")
-        self.require(_is_number(self.scale), "scale", "a finite number")
+        self.require(_is_number(self.scale) and abs(self.scale) <= 1e6, "scale",
+                     "a finite number from -1e6 to 1e6 (larger ones overflow the outputs)")
         self.require(isinstance(self.learned_scale, bool), "learned_scale", "true or false")
         self.require(_is_number(self.dropout) and 0 <= self.dropout < 1, "dropout", "a number in [0, 1)")
 

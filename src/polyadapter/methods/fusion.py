@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..compose import first_tensor
-from ..config import AdapterConfig
+from ..config import MIN_TEMPERATURE, AdapterConfig
 from ..errors import ConfigError
 from ..sites import module_dims, sites_of
 from .spec import MethodSpec
@@ -52,7 +52,9 @@ class FusionConfig(AdapterConfig):
                      and len(set(self.adapters)) == len(self.adapters),
                      "adapters", "a list of at least two distinct adapter names")
         self.require(isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool)
-                     and self.temperature > 0, "temperature", "a positive number")
+                     and self.temperature >= MIN_TEMPERATURE, "temperature",
+                     f"a number of at least {MIN_TEMPERATURE:g} (smaller ones turn the scores into inf "
+                     f"and the outputs into NaN)")
         self.require(not self.modules_to_save, "modules_to_save", "empty (a fusion layer saves no module copies)")
 
 

@@ -28,6 +28,9 @@ from .spec import MethodSpec, with_preset_targets
 INITS = ("default", "gaussian", "pissa")
 
 
+MAX_ALPHA = 1e6  # alpha / r multiplies every update; beyond this, fp32 outputs overflow to inf
+
+
 @dataclass
 class LoraConfig(AdapterConfig):
     method: ClassVar[str] = "lora"
@@ -42,7 +45,8 @@ class LoraConfig(AdapterConfig):
 
     def validate(self):
         self.require(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, "r", "a positive integer")
-        self.require(isinstance(self.alpha, (int, float)) and self.alpha > 0, "alpha", "a positive number")
+        self.require(isinstance(self.alpha, (int, float)) and 0 < self.alpha <= MAX_ALPHA, "alpha",
+                     f"a positive number up to {MAX_ALPHA:g} (larger scalings overflow the outputs)")
         self.require(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout", "a number in [0, 1)")
         self.require(isinstance(self.use_rslora, bool), "use_rslora", "true or false")
         self.require(self.init in INITS, "init", f"one of {list(INITS)}")
@@ -50,8 +54,9 @@ class LoraConfig(AdapterConfig):
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
             for k, v in self.rank_pattern.items())), "rank_pattern", "a dict of site pattern -> positive int")
         self.require(self.alpha_pattern is None or (isinstance(self.alpha_pattern, dict) and all(
-            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-            for k, v in self.alpha_pattern.items())), "alpha_pattern", "a dict of site pattern -> positive number")
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= MAX_ALPHA
+            for k, v in self.alpha_pattern.items())), "alpha_pattern",
+            f"a dict of site pattern -> positive number up to {MAX_ALPHA:g}")
 
     def rank_for(self, site: str) -> int:
         """``r``, or the value of the first ``rank_pattern`` key matching ``site``
