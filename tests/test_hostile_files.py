@@ -295,3 +295,23 @@ def test_info_and_convert_refuse_hostile_files_in_one_line(native_folder, tmp_pa
         assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert "r='eight' is invalid" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_info_on_a_mistyped_peft_config_is_one_line(peft_folder, tmp_path, capsys):
+    from polyadapter.cli import main
+    folder = copy_folder(peft_folder, tmp_path / "a")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    write_json(folder, "adapter_config.json", {**config, "target_modules": [1, 2], "modules_to_save": {"a": 1}})
+    code = main(["info", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "target_modules.list[str].0=1 is invalid" in err, err
+
+
+def test_paths_with_nul_bytes(base, native_folder):
+    pm = fresh(base)
+    before = snapshot(pm)
+    with pytest.raises(pa.LoadError, match="NUL"):
+        pm.load_adapter(str(native_folder) + "\0x")
+    with pytest.raises(pa.PolyAdapterError, match="NUL"):
+        pm.save_adapter("existing", str(native_folder) + "\0x", overwrite=True)
+    assert_same_snapshot(before, snapshot(pm))

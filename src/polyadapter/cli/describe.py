@@ -14,6 +14,7 @@ def describe(path: str | Path) -> dict:
     from ..errors import LoadError
     from ..formats import detect_format
     from ..formats.files import read_json
+    from ..validate import PeftFields, check_file
 
     path = adapter_folder(path)
     fmt = detect_format(path)
@@ -34,6 +35,7 @@ def describe(path: str | Path) -> dict:
             "library_version": meta.get("library_version"), "provenance": meta.get("provenance", {}),
         }
     config = read_json(path / "adapter_config.json")
+    check_file(PeftFields, config, str(path / "adapter_config.json"))
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         raise LoadError(f"{path}: adapter_model.safetensors not found")

@@ -22,6 +22,8 @@ def save_adapter(model, name: str, path: Path, format: str = "native", overwrite
 
 def detect_format(path: Path) -> str:
     path = Path(path)
+    if "\0" in str(path):
+        raise LoadError(f"{str(path)!r}: a path cannot hold a NUL character")
     recover(path)  # an interrupted replacement of this folder is finished or undone first
     if not path.exists():
         raise LoadError(f"{path}: no such file or folder")

@@ -65,6 +65,8 @@ def check_destination(dst: Path, overwrite: bool, kind: str = "adapter") -> None
     """DestinationError unless ``dst`` may be written: absent, or (with ``overwrite``)
     a folder :func:`is_replaceable` admits; and its parent is a writable folder."""
     dst = Path(dst)
+    if "\0" in str(dst):
+        raise DestinationError(f"{str(dst)!r}: a path cannot hold a NUL character")
     recover(dst)
     if dst.exists() or dst.is_symlink():
         if not overwrite:
