@@ -27,12 +27,15 @@ def _configs(kind: str) -> dict:
                 "bn": pa.BottleneckConfig(targets=["fc2"], hidden_size=4),
                 "bp": pa.BottleneckConfig(mode="parallel", targets=["fc1"], hidden_size=4),
                 "sp": pa.SparseConfig(targets=t, density=0.1),
-                "hd": pa.LoraConfig(r=2, targets=["fc1"], modules_to_save=["head"])}
+                "hd": pa.LoraConfig(r=2, targets=["fc1"], modules_to_save=["head"]),
+                "do": pa.LoraConfig(r=3, targets=t, use_dora=True),
+                "d2": pa.LoraConfig(r=3, alpha=4, targets=t, use_dora=True)}
     head = {"bert": "classifier", "vit": "classifier", "llama": "lm_head", "gpt2": "lm_head"}[kind]
     out = {"l8": pa.LoraConfig(r=8, targets=all_linear if kind != "bert" else None),
            "l4": pa.LoraConfig(r=4), "ia": pa.IA3Config(), "bn": pa.BottleneckConfig(),
            "bp": pa.BottleneckConfig(mode="parallel"), "sp": pa.SparseConfig(density=0.05),
-           "hd": pa.LoraConfig(r=2, modules_to_save=[head])}
+           "hd": pa.LoraConfig(r=2, modules_to_save=[head]),
+           "do": pa.LoraConfig(r=3, use_dora=True), "d2": pa.LoraConfig(r=3, alpha=4, use_dora=True)}
     if kind in ("llama", "bert", "gpt2"):
         out["pr"] = pa.PromptConfig(num_virtual_tokens=3, seed=0)
         out["p5"] = pa.PromptConfig(num_virtual_tokens=5, seed=1)
@@ -81,7 +84,8 @@ def assert_rows_match_alone(pm, kind, setups, inputs=None, atol=1e-5):
 
 def _setup_choices(kind: str) -> list:
     names = list(_configs(kind))
-    choices = [None] + names + [Stack("l4", "bn"), Stack("ia", "l8"), Average("l8", "ia", weights=[0.3, 0.7])]
+    choices = [None] + names + [Stack("l4", "bn"), Stack("ia", "l8"), Average("l8", "ia", weights=[0.3, 0.7]),
+                                Stack("do", "bn"), Stack("ia", "d2")]
     if "pr" in names:
         choices += [Stack("pr", "l8"), Stack("p5", "pr")]
     return choices

@@ -300,7 +300,6 @@ def _lora_folder(tmp_path, **kwargs):
 
 
 REFUSALS = {
-    "use_dora": (dict(use_dora=True), None, LoadError, "use_dora=True"),
     "bias-all": (dict(bias="all"), None, LoadError, "bias='all'"),
     "pissa-init": ({}, {"init_lora_weights": "pissa"}, LoadError, "init_lora_weights='pissa'.*rewrites the base"),
     "other-peft-type": ({}, {"peft_type": "PROMPT_TUNING"}, LoadError, "PROMPT_TUNING.*LORA and IA3"),

@@ -103,6 +103,7 @@ class Layout:
                 slots[name] = len(bucket.names)
                 bucket.names.append(name)
                 bucket.tensors.extend(list(part.parameters()) + list(part.buffers()))
+                bucket.tensors.extend(getattr(part, "extra_bank_tensors", list)())  # e.g. DoRA: the base weight
                 roles[name] = (part.row_role, index[bkey])
         signature = tuple((n, r, slots.get(n)) for n, r in roles.items())
         layout_id = _LAYOUT_IDS.get(signature)

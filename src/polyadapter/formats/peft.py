@@ -34,7 +34,10 @@ Where a pattern cannot be carried over exactly (``exclude_modules``,
 say which modules PEFT adapted. ``rank_pattern``/``alpha_pattern`` are read into ours,
 resolved to the exact sites whose rank or alpha differs from the config's.
 
-Refused, with the field named: ``use_dora``, ``bias`` other than ``"none"``,
+DoRA (``use_dora: true``): ``base_model.model.<site>.lora_magnitude_vector`` (out,) is our
+``<site>.lora_magnitude``, for Linear and Conv1D sites.
+
+Refused, with the field named: ``bias`` other than ``"none"``,
 ``lora_bias``, ``layer_replication``, inits that rewrite the base weights (``pissa*``,
 ``olora``, ``corda``, ``loftq``, ``lora_ga``), peft types other than LORA and IA3, and
 any other config field we do not know whose value is set (not null/false/empty).
@@ -100,6 +103,7 @@ _EMBEDDING_NAMES = {"wte", "wpe", "shared", "embed_in", "tok_embeddings", "embed
 
 _LORA_KEY = re.compile(r"(?P<site>.+)\.(?P<param>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight")
 _LORA_EMB_KEY = re.compile(r"(?P<site>.+)\.lora_embedding_(?P<param>A|B)(?:\.(?P<adapter>[^.]+))?")
+_DORA_KEY = re.compile(r"(?P<site>.+)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+)\.weight|\.weight)?")
 _IA3_KEY = re.compile(r"(?P<site>.+)\.ia3_l(?:\.(?P<adapter>[^.]+))?")
 _SAVED_NAMED_KEY = re.compile(r"(?P<module>.+)\.modules_to_save\.(?P<adapter>[^.]+)\.(?P<param>.+)")
 _BASE_COPY_KEY = re.compile(r"(?P<module>.+)\.(?:base_layer|original_module)\.(?P<param>.+)")
@@ -153,6 +157,8 @@ def from_peft(peft_config: dict, peft_tensors: dict[str, torch.Tensor], where: s
         k = key[len(PREFIX):] if key.startswith(PREFIX) else key
         if m := _LORA_KEY.fullmatch(k) or _LORA_EMB_KEY.fullmatch(k):
             kind = "lora"
+        elif m := _DORA_KEY.fullmatch(k):
+            kind = "dora"
         elif m := _IA3_KEY.fullmatch(k):
             kind = "ia3"
         elif m := _SAVED_NAMED_KEY.fullmatch(k):
@@ -166,10 +172,10 @@ def from_peft(peft_config: dict, peft_tensors: dict[str, torch.Tensor], where: s
         else:
             rest[k] = t
             continue
-        if kind != method:
+        if (kind if kind != "dora" else "lora") != method:
             foreign.append(key)
             continue
-        param = "ia3_l" if kind == "ia3" else "lora_" + m["param"][-1]
+        param = "ia3_l" if kind == "ia3" else "lora_magnitude" if kind == "dora" else "lora_" + m["param"][-1]
         claim(m["site"], param, key)
         parts.setdefault(m["site"], {})[param] = t
         if m["adapter"] is not None:
@@ -186,11 +192,16 @@ def from_peft(peft_config: dict, peft_tensors: dict[str, torch.Tensor], where: s
     if not parts:
         raise LoadError(f"{where}: the file holds no {peft_type} tensors")
     r = peft_config.get("r", 8)
+    dora = bool(peft_config.get("use_dora"))
     for site, got in parts.items():
-        need = ("lora_A", "lora_B") if method == "lora" else ("ia3_l",)
+        need = ("lora_A", "lora_B") + (("lora_magnitude",) if dora else ()) if method == "lora" else ("ia3_l",)
         missing = [p for p in need if p not in got]
         if missing:
-            raise LoadError(f"{where}: site {site!r} has {sorted(got)} but no {missing[0]}")
+            what = "lora_magnitude_vector (use_dora is true)" if missing[0] == "lora_magnitude" else missing[0]
+            raise LoadError(f"{where}: site {site!r} has {sorted(got)} but no {what}")
+        if "lora_magnitude" in got and not dora:
+            raise LoadError(f"{where}: site {site!r} has a DoRA magnitude vector but the config says use_dora=false; "
+                            f"the file does not fit its config")
         if method == "lora":
             _check_lora_shapes(site, got["lora_A"], got["lora_B"], _pattern_value(
                 peft_config.get("rank_pattern") or {}, site, r), where)
@@ -233,6 +244,7 @@ def from_peft(peft_config: dict, peft_tensors: dict[str, torch.Tensor], where: s
                   "rank_pattern": rank_pattern or None, "alpha_pattern": alpha_pattern or None,
                   "dropout": float(peft_config.get("lora_dropout") or 0.0),
                   "use_rslora": bool(peft_config.get("use_rslora", False)),
+                  "use_dora": bool(peft_config.get("use_dora", False)),
                   "init": "gaussian" if init == "gaussian" else "default"}
     else:
         ff_spec = peft_config.get("feedforward_modules")
@@ -251,8 +263,6 @@ def _check_fields(cfg: dict, peft_type: str, where: str) -> None:
         raise LoadError(f"{where}: PEFT config {key}={cfg[key]!r}: {why}")
 
     if peft_type == "LORA":
-        if cfg.get("use_dora"):
-            refuse("use_dora", "DoRA adapters (a learned magnitude per output) are not supported")
         if cfg.get("bias", "none") not in ("none", None):
             refuse("bias", "the adapter changes the base model's biases; polyadapter keeps the base frozen "
                            "and reads only bias='none'")
@@ -434,6 +444,9 @@ def to_peft(config: dict, tensors: dict[str, torch.Tensor], sites: list[str], sa
                 out[f"{PREFIX}{s}.lora_embedding_A"], out[f"{PREFIX}{s}.lora_embedding_B"] = A, B
             else:
                 out[f"{PREFIX}{s}.lora_A.weight"], out[f"{PREFIX}{s}.lora_B.weight"] = A, B
+            if f"{s}.lora_magnitude" in tensors:
+                out[f"{PREFIX}{s}.lora_magnitude_vector"] = tensors[f"{s}.lora_magnitude"]
+                used.add(f"{s}.lora_magnitude")
         rank_pattern = {s: int(tensors[f"{s}.lora_A"].shape[0]) for s in sites}
         alpha_pattern = {s: float(pattern_value(config.get("alpha_pattern"), s, alpha)) for s in sites}
         if pissa:  # rank 2r, same scaling alpha/r (or alpha/sqrt(r) with rsLoRA)
@@ -450,7 +463,8 @@ def to_peft(config: dict, tensors: dict[str, torch.Tensor], sites: list[str], sa
             "r": r, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
             "lora_dropout": float(config.get("dropout", 0.0)), "use_rslora": rslora,
             "target_modules": targets, "exclude_modules": None, "modules_to_save": mts,
-            "fan_in_fan_out": bool(conv1d_sites), "bias": "none", "lora_bias": False, "use_dora": False,
+            "fan_in_fan_out": bool(conv1d_sites), "bias": "none", "lora_bias": False,
+            "use_dora": bool(config.get("use_dora")),
             "init_lora_weights": "gaussian" if config.get("init") == "gaussian" else True,
             "layers_to_transform": None, "layers_pattern": None,
             "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,

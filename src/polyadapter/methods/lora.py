@@ -8,6 +8,14 @@ PiSSA normally rewrites the base weight to its residual. Here the base stays
 untouched — other adapters share it — and the part keeps the initial factors as
 frozen buffers ``A0, B0``, computing ``W x + s (B A - B0 A0) x``: the same function,
 the same trainable subspace, and output equal to the base at initialisation.
+
+DoRA (``use_dora=True``, Liu et al. 2024, as PEFT computes it): a trainable magnitude
+``m`` per output channel times the direction of ``W + s B A``, normalised per output
+channel: ``y = m / ||W + s B A|| * (W x + s B A x) + bias``. The norm is detached (no
+gradient through it, the paper's section 4.3) and cached until the base weight, A, B
+or the scaling changes (tensor version counters), so inference computes it once. It
+starts at ``m = ||W||``, so the model starts exactly at the base. Merging writes
+``m / ||W + s B A|| * (W + s B A)`` into the weight and keeps the factor to unmerge.
 """
 from __future__ import annotations
 
@@ -39,6 +47,7 @@ class LoraConfig(AdapterConfig):
     alpha: float = 16.0
     dropout: float = 0.0
     use_rslora: bool = False
+    use_dora: bool = False
     init: str = "default"
     rank_pattern: dict[str, int] | None = None
     alpha_pattern: dict[str, float] | None = None
@@ -49,6 +58,9 @@ class LoraConfig(AdapterConfig):
                      f"a positive number up to {MAX_ALPHA:g} (larger scalings overflow the outputs)")
         self.require(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, "dropout", "a number in [0, 1)")
         self.require(isinstance(self.use_rslora, bool), "use_rslora", "true or false")
+        self.require(isinstance(self.use_dora, bool), "use_dora", "true or false")
+        self.require(not (self.use_dora and self.init == "pissa"), "use_dora",
+                     "false with init='pissa' (DoRA over PiSSA's offset factors is not supported)")
         self.require(self.init in INITS, "init", f"one of {list(INITS)}")
         self.require(self.rank_pattern is None or (isinstance(self.rank_pattern, dict) and all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
@@ -110,6 +122,15 @@ class LoraPart(nn.Module):
                 nn.init.normal_(self.lora_A, std=1 / r)
             else:
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.use_dora = config.use_dora
+        if self.use_dora:
+            if self.is_embedding:
+                raise ConfigError(f"lora use_dora=True needs a Linear or Conv1D layer; site {site!r} is an Embedding")
+            object.__setattr__(self, "_base", base)  # read, never owned: not a submodule
+            object.__setattr__(self, "_norm", (None, None))  # (versions key, cached norm)
+            object.__setattr__(self, "_merged_factor", None)
+            with torch.no_grad():
+                self.lora_magnitude = nn.Parameter(self._weight_norm().clone())
 
     def _weight_out_in(self, base):
         w = base.weight
@@ -128,12 +149,51 @@ class LoraPart(nn.Module):
         return out
 
     def apply(self, inner, x):
+        if self.use_dora:
+            return self._apply_dora(inner, x)
         y = inner(x)
         d = self._unscaled_delta(x).to(y.dtype)
         if not torch.is_grad_enabled() and y.data_ptr() != x.data_ptr():
             return y.add_(d, alpha=self.scaling)  # inference: no output-sized temporary at all
         # One fused add-with-scale: no separate scaled temporary the size of the output.
         return torch.add(y, d, alpha=self.scaling)
+
+    # -------------------------------------------------------- DoRA
+    def _weight_norm(self) -> torch.Tensor:
+        """||W + s B A|| per output channel, detached; cached while W, A, B and the
+        scaling are unchanged (version counters), so inference computes it once."""
+        base = self._base
+        key = (id(base.weight), base.weight._version, self.lora_A._version, self.lora_B._version, self.scaling)
+        cached_key, norm = self._norm
+        if cached_key == key:
+            return norm
+        with torch.no_grad():
+            w = self._weight_out_in(base)
+            norm = torch.linalg.norm(w + self.scaling * (self.lora_B.to(w.dtype) @ self.lora_A.to(w.dtype)), dim=1)
+        object.__setattr__(self, "_norm", (key, norm))
+        return norm
+
+    def dora_factor(self) -> torch.Tensor:
+        """``m / ||W + s B A||`` per output channel (differentiable in ``m`` only)."""
+        return self.lora_magnitude / self._weight_norm().to(self.lora_magnitude.dtype)
+
+    def _apply_dora(self, inner, x):
+        y = inner(x)
+        factor = self.dora_factor().to(y.dtype)
+        bias = self._base.bias
+        if self.training and isinstance(self.dropout, nn.Dropout) and self.dropout.p > 0:
+            xd = self.dropout(x)  # one mask for both terms, as PEFT
+            base_out = F.linear(xd, self._weight_out_in(self._base))
+        else:
+            xd = x
+            base_out = y if bias is None else y - bias
+        lora = F.linear(F.linear(xd, self.lora_A), self.lora_B).to(y.dtype) * self.scaling
+        return y + (factor - 1) * base_out + factor * lora
+
+    def extra_bank_tensors(self) -> list[torch.Tensor]:
+        """Tensors beyond the part's own that a cached bank depends on: DoRA's norms
+        read the base weight."""
+        return [self._base.weight] if self.use_dora else []
 
     # -------------------------------------------------------- mixed batches
     row_role = "delta_in"  # adds an update computed from the site input (see polyadapter.mixed)
@@ -143,7 +203,7 @@ class LoraPart(nn.Module):
         get their own banks and no adapter is padded to another's rank."""
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
         return ("lora", tuple(self.lora_A.shape), self.lora_B.shape[0], self.is_embedding, self.pissa, p,
-                self.lora_A.dtype)
+                self.lora_A.dtype, self.use_dora)
 
     @staticmethod
     def stack_bank(parts: list["LoraPart"]) -> dict:
@@ -160,6 +220,10 @@ class LoraPart(nn.Module):
             bank["B0"] = torch.stack([p.lora_B0 for p in parts])
         if first.is_embedding:  # rows of A.T for every (slot, token id), one lookup table
             bank["A_rows"] = bank["A"].transpose(1, 2).reshape(-1, bank["A"].shape[1])
+        if first.use_dora:  # every part at a site shares its base layer
+            bank["factor"] = torch.stack([p.dora_factor() for p in parts])          # (slots, out)
+            bank["W"] = first._weight_out_in(first._base)
+            bank["bias"] = first._base.bias
         return bank
 
     @staticmethod
@@ -175,6 +239,8 @@ class LoraPart(nn.Module):
             return out + delta.view(out.shape)
         x3 = x.reshape(n, -1, x.shape[-1])
         xd = F.dropout(x3, bank["dropout"], training=True) if training and bank["dropout"] > 0 else x3
+        if "factor" in bank:
+            return LoraPart._bank_dora(bank, x3, xd, out, slots)
         if in_place and out3.data_ptr() == out.data_ptr():
             res = lora_delta(xd, bank["A"], bank["B"], slots, bank["scale"], out=out3)
             if "A0" in bank:
@@ -184,6 +250,19 @@ class LoraPart(nn.Module):
         if "A0" in bank:
             delta = delta - lora_delta(x3, bank["A0"], bank["B0"], slots, bank["scale"])
         return out + delta.view(out.shape).to(out.dtype)
+
+    @staticmethod
+    def _bank_dora(bank: dict, x3, xd, out, slots):
+        """DoRA rows: ``y + (f - 1) * base_out + f * s B A x`` with each row's factor ``f``."""
+        n = x3.shape[0]
+        out3 = out.reshape(n, -1, out.shape[-1])
+        if xd is x3:
+            base_out = out3 if bank["bias"] is None else out3 - bank["bias"].to(out.dtype)
+        else:
+            base_out = F.linear(xd, bank["W"]).to(out.dtype)
+        f = bank["factor"].index_select(0, slots).to(out.dtype)[:, None, :]            # (n, 1, out)
+        delta = lora_delta(xd, bank["A"], bank["B"], slots, bank["scale"]).to(out.dtype)
+        return (out3 + (f - 1) * base_out + f * delta).view(out.shape)
 
     # -------------------------------------------------------- weight space
     def delta_weight(self) -> torch.Tensor:
@@ -196,11 +275,28 @@ class LoraPart(nn.Module):
 
     @torch.no_grad()
     def merge(self, base: nn.Module) -> None:
+        if self.use_dora:  # W' = f * (W + s B A) per output channel; f kept to unmerge
+            factor = self.dora_factor().detach().clone()
+            object.__setattr__(self, "_merged_factor", factor)
+            merged = (base.weight + self.delta_weight().to(base.weight.dtype)) * self._channel(factor, base)
+            base.weight.copy_(merged)
+            return
         base.weight.add_(self.delta_weight().to(base.weight.dtype))
 
     @torch.no_grad()
     def unmerge(self, base: nn.Module) -> None:
+        if self.use_dora:
+            factor = self._merged_factor
+            base.weight.copy_(base.weight / self._channel(factor, base) - self.delta_weight().to(base.weight.dtype))
+            object.__setattr__(self, "_merged_factor", None)
+            return
         base.weight.sub_(self.delta_weight().to(base.weight.dtype))
+
+    def _channel(self, factor: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        """``factor`` shaped to scale the base weight's output channels (rows of a
+        Linear's weight, columns of a Conv1D's)."""
+        factor = factor.to(base.weight.dtype)
+        return factor[None, :] if self.is_conv1d else factor[:, None]
 
 
 def _pissa_factors(weight: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,7 +317,8 @@ def _size(module: nn.Module, config: LoraConfig, site: str) -> int:
         dims = module.num_embeddings + module.embedding_dim
     else:
         dims = sum(linear_dims(module))
-    return config.rank_for(site) * dims * (2 if config.init == "pissa" else 1)  # PiSSA keeps A0, B0 too
+    out = module.embedding_dim if isinstance(module, nn.Embedding) else linear_dims(module)[1]
+    return config.rank_for(site) * dims * (2 if config.init == "pissa" else 1) + out  # PiSSA keeps A0, B0 too
 
 
 SPEC = MethodSpec(

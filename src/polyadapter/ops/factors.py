@@ -38,6 +38,9 @@ def lora_factors(pm, name: str) -> dict[str, LoraFactors]:
     record = pm.record(name)
     if record.config.method != "lora":
         raise ConfigError(f"adapter {name!r} is a {record.config.method} adapter; this operation needs LoRA adapters")
+    if getattr(record.config, "use_dora", False):
+        raise ConfigError(f"adapter {name!r} is a DoRA adapter: its magnitude vector rescales the whole weight, so "
+                          f"it is not the low-rank update this operation reads; merge it into the base instead")
     out = {}
     for site, part in pm.parts(name).items():
         if site not in record.sites:
