@@ -98,7 +98,8 @@ def snapshot(pm) -> dict:
         "tensors": {n: (t.detach().clone(), t.dtype, t.requires_grad)
                     for n, t in list(pm.named_parameters()) + list(pm.named_buffers())},
         "modules": [(n, type(m).__name__) for n, m in pm.named_modules()],
-        "state_dict_keys": list(pm.state_dict().keys()),
+        "state_dict_keys": list(pm.model.state_dict().keys()),
+        "adapter_state_keys": list(pm.state_dict().keys()),
         "adapters": {n: (r.config.to_dict(), list(r.sites), list(r.saved_modules), dict(r.provenance))
                      for n, r in pm.state.adapters.items()},
         "setup": repr(pm.state.setup), "active": pm.state.active,

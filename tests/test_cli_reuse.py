@@ -99,3 +99,53 @@ def test_lorahub_finds_weights_and_saves_them(runs, tmp_path, capsys):
     assert code == 0, err
     result = json.loads(stdout)
     assert len(result["weights"]) == 2 and result["operation"] == "lorahub"
+
+
+def test_store_refs_through_every_verb(runs, tmp_path, capsys):
+    """train --out store:, add, combine store: sources --out store:, lineage, eval,
+    compress and merge from the store, load in Python: the README's store workflow."""
+    from polyadapter.store import Store
+    store = str(tmp_path / "store")
+    code, _, err = run_cli(capsys, "store", "init", store)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "store", "add", runs[0], "--name", "bbc-a", "--tag", "bbc", "--store", store)
+    assert code == 0, err
+    code, stdout, err = run_cli(capsys, "train", "--data", "bbc", "--method", "lora", "--set", "r=4",
+                                "--out", "store:bbc-b", "--store", store, *TINY)
+    assert code == 0 and "store:bbc-b@1" in stdout, err
+    code, stdout, err = run_cli(capsys, "combine", "store:bbc-a", "store:bbc-b@1", "--method", "ties",
+                                "--density", "0.5", "--weights", "1", "1", "--out", "store:bbc-ab", "--store", store,
+                                "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["path"] == "store:bbc-ab@1"
+    with Store(store) as s:
+        lineage = s.lineage("bbc-ab")
+        assert {p["ref"] for p in lineage["parents"]} == {"bbc-a@1", "bbc-b@1"}
+        assert s.resolve("bbc-b").provenance["metrics"]["test_accuracy"] >= 0
+    code, stdout, err = run_cli(capsys, "store", "show", "bbc-ab", "--store", store)
+    assert code == 0 and "bbc-a@1" in stdout and "bbc-b@1" in stdout, err
+    code, same, err = run_cli(capsys, "info", "store:bbc-ab", "--store", store)
+    assert code == 0 and same == stdout, err
+    code, _, err = run_cli(capsys, "eval", "--adapter", "store:bbc-ab", "--data", "bbc", "--store", store, "--quiet")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "compress", "store:bbc-ab", "--method", "svd", "--rank", "2",
+                           "--out", "store:bbc-ab-r2", "--store", store)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "merge", "store:bbc-ab-r2", "--out", tmp_path / "merged", "--store", store)
+    assert code == 0 and (tmp_path / "merged" / "config.json").is_file(), err
+    code, _, err = run_cli(capsys, "store", "rm", "bbc-a@1", "--store", store)
+    assert code == 2 and "bbc-ab@1" in err  # refused: a stored adapter derives from it
+    # Refusals before any work: a version in --out, a missing store, a store --out for merge.
+    for argv, fragment in [
+        (["combine", "store:bbc-a", "--out", "store:x@3", "--store", store], "numbers versions itself"),
+        (["combine", "store:bbc-a", "--out", "store:x", "--store", str(tmp_path / "none")], "store init"),
+        (["combine", "store:nope", "--out", "store:x", "--store", store], "nope"),
+        (["merge", "store:bbc-a", "--out", "store:x", "--store", store], "model folder"),
+    ]:
+        code, _, err = run_cli(capsys, *argv)
+        assert_one_line_error(code, err, fragment)
+    pm = AdapterModel(load_classifier("minilm", 5, seed=0)[0])
+    record = pm.load_adapter("store:bbc-ab@1", store=store)
+    assert record.provenance["store"]["name"] == "bbc-ab"
+    version = pm.save_adapter(record.name, "store:bbc-ab-copy", store=store)
+    assert version.ref == "bbc-ab-copy@1"

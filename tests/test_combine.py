@@ -360,7 +360,7 @@ def test_per_site_ranks_and_dare_provenance_round_trip(tmp_path):
 
 # ---------------------------------------------------------------- refusals
 def _snapshot(pm):
-    return list(pm.adapters), pm.active_adapters, {k: v.clone() for k, v in pm.state_dict().items()}
+    return list(pm.adapters), pm.active_adapters, {k: v.clone() for k, v in pm.model.state_dict().items()}
 
 
 REFUSALS = {  # id: (kwargs for combine, error, text the message names)

@@ -68,13 +68,13 @@ def run(pm, kind, adapter):
 def snapshot(pm, inputs):
     with torch.no_grad():
         out = output_of(pm, inputs)
-    return list(pm.adapters), pm.active_adapters, {k: v.clone() for k, v in pm.state_dict().items()}, out
+    return list(pm.adapters), pm.active_adapters, {k: v.clone() for k, v in pm.model.state_dict().items()}, out
 
 
 def assert_unchanged(pm, inputs, snap):
     adapters, active, state, out = snap
     assert pm.adapters == adapters and pm.active_adapters == active
-    now = pm.state_dict()
+    now = pm.model.state_dict()
     assert now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items())
     with torch.no_grad():
         assert torch.equal(output_of(pm, inputs), out)

@@ -114,7 +114,7 @@ def test_starts_at_the_base_and_trains_magnitude_and_direction():
     x = make_inputs("llama")
     with torch.no_grad():
         assert (output_of(pm, x) - output_of(reference, x)).abs().max() < 1e-5  # m = ||W|| at the start
-    others = {k: v.clone() for k, v in pm.state_dict().items() if ".d." not in k}
+    others = {k: v.clone() for k, v in pm.model.state_dict().items() if ".d." not in k}
     params = pm.train_adapter("d")
     opt = torch.optim.SGD(params, lr=0.05)
     labels = x["input_ids"]
@@ -128,7 +128,7 @@ def test_starts_at_the_base_and_trains_magnitude_and_direction():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
-    assert all(torch.equal(v, pm.state_dict()[k]) for k, v in others.items())  # base untouched
+    assert all(torch.equal(v, pm.model.state_dict()[k]) for k, v in others.items())  # base untouched
 
 
 def test_norm_is_cached_for_inference_and_follows_weight_changes():

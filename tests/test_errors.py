@@ -14,7 +14,7 @@ def fingerprint_of(pm) -> tuple:
     """Everything a failed call must leave as it was."""
     return (
         tuple(pm.adapters), pm.active_adapters,
-        {k: v.detach().clone() for k, v in pm.state_dict().items()},
+        {k: v.detach().clone() for k, v in pm.model.state_dict().items()},
         tuple((n, type(m).__name__) for n, m in pm.named_modules()),
     )
 

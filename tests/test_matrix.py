@@ -65,7 +65,7 @@ def perturb(pm, name: str, seed: int = 3) -> None:
 
 
 def snapshot(pm) -> dict:
-    return {k: v.detach().clone() for k, v in pm.state_dict().items()}
+    return {k: v.detach().clone() for k, v in pm.model.state_dict().items()}
 
 
 def assert_same_tensors(a: dict, b: dict) -> None:

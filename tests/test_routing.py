@@ -194,7 +194,7 @@ def test_mhr_z_trains_only_the_routing_logits_and_lowers_the_loss():
     pm.add_adapter("po", PolyConfig(inventory=["a", "b", "c"], n_heads=2, init="zeros"), activate=False)
     x = make_inputs("mlp", batch=8)
     target = _logits(pm, "b", x)          # the task: behave like skill "b"
-    frozen = {k: v.clone() for k, v in pm.state_dict().items() if "routing_logits" not in k}
+    frozen = {k: v.clone() for k, v in pm.model.state_dict().items() if "routing_logits" not in k}
     params = pm.train_adapter("po")
     assert sorted(n for n, p in pm.named_parameters() if p.requires_grad) == sorted(
         f"{k}" for k, p in pm.named_parameters() if k.endswith("adapters.po.routing_logits"))
@@ -215,7 +215,7 @@ def test_mhr_z_trains_only_the_routing_logits_and_lowers_the_loss():
     with torch.no_grad():
         after = loss_now().item()
     assert after < 0.1 * before
-    assert all(torch.equal(v, pm.state_dict()[k]) for k, v in frozen.items())   # skills and base untouched
+    assert all(torch.equal(v, pm.model.state_dict()[k]) for k, v in frozen.items())   # skills and base untouched
     for part in pm.parts("po").values():
         assert (part.weights()[:, 1] > 0.5).all()                                # routed towards "b"
 

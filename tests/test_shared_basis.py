@@ -225,7 +225,7 @@ def test_native_round_trip_of_basis_and_sigmas(tmp_path):
 
 
 def _snapshot(pm):
-    return (pm.adapters, sorted(sites_of(pm.model)), {k: v.clone() for k, v in pm.state_dict().items()})
+    return (pm.adapters, sorted(sites_of(pm.model)), {k: v.clone() for k, v in pm.model.state_dict().items()})
 
 
 def _same(a, b):

@@ -12,6 +12,7 @@ and installed second, so an error leaves the model as it was.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,19 +31,17 @@ from .compose import (
     prompt_stack,
 )
 from .config import AdapterConfig
-from .errors import AdapterNameError, ConfigError, StateError, TargetError
+from .errors import AdapterNameError, ConfigError, LoadError, StateError, TargetError
 from .fingerprint import fingerprint
 from .methods import config_from_dict, method_spec
 from .methods.prompt import prepare_rows
 from .mixed import RowPlan, replicate_inputs, split_outputs
-from .names import check_name
+from .names import INPUT_SITE, check_name
 from .saved_modules import ModuleCopy
 from .sites import Site, original_modules, original_or_site, resolve_targets, sites_of
 from .sites import unwrap as unwrap_site
 from .sites import wrap as wrap_site
 from .state import AdapterRecord, AdapterState
-
-INPUT_SITE = "input_embeddings"  # file-key prefix of input-level parts (prompt tuning)
 
 
 @dataclass
@@ -75,7 +74,41 @@ def _keyed_state(parts: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     return {f"{s}.{k}": v for s, part in parts.items() for k, v in part.state_dict().items()}
 
 
+class _BoundForward:
+    """``pm.forward``: calls :meth:`AdapterModel._forward` and reports the base model's
+    signature (plus ``adapter_names``) to ``inspect.signature``."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, owner):
+        self.owner = owner
+
+    def __call__(self, *args, **kwargs):
+        return AdapterModel._forward(self.owner, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return self.owner.forward_signature()
+
+    @property
+    def __doc__(self):
+        return AdapterModel._forward.__doc__
+
+
+class _ForwardAttribute:
+    """``AdapterModel.forward``: the plain function on the class (its signature names
+    ``labels``, which Trainer's label detection reads), a :class:`_BoundForward` on an
+    instance."""
+
+    def __get__(self, obj, objtype=None):
+        return AdapterModel._forward if obj is None else _BoundForward(obj)
+
+
 class AdapterModel(nn.Module):
+    # Hugging Face Trainer refuses to train a quantized base (e.g. one loaded from GGUF)
+    # unless trainable adapters are attached on top; this is how transformers says so.
+    _hf_peft_config_loaded = True
+
     def __init__(self, model: nn.Module):
         super().__init__()
         if isinstance(model, AdapterModel):
@@ -93,14 +126,33 @@ class AdapterModel(nn.Module):
             base_fingerprint=fingerprint(dict(model.named_parameters()), model)))
 
     # ------------------------------------------------------------------ running
-    def forward(self, *args, adapter_names: list | None = None, **kwargs):
+    def _forward(self, *args, adapter_names: list | None = None, labels=None, **kwargs):
         """Run the model under the active setup, or — with ``adapter_names``, one setup
         per row (an adapter name, a block, or None for the bare base) — run a mixed
-        batch. A ``Parallel`` setup returns one output per child."""
+        batch. A ``Parallel`` setup returns one output per child. ``labels`` go to the
+        base model (named here so that Hugging Face's Trainer finds the label column)."""
+        if labels is not None:
+            kwargs["labels"] = labels
         args, kwargs, k, batch = self._begin_call(args, kwargs, adapter_names)
         args, kwargs = self._with_prompts(args, kwargs, "prepare")
         out = self.model(*args, **kwargs)
         return split_outputs(out, batch, k) if k else out
+
+    forward = _ForwardAttribute()
+
+    def forward_signature(self) -> inspect.Signature:
+        """The base model's forward signature plus ``adapter_names``: what
+        ``inspect.signature(pm.forward)`` reports, so tools that keep only the columns a
+        model takes (Trainer's ``remove_unused_columns``) keep the base's inputs."""
+        try:
+            base = inspect.signature(self.model.forward)
+        except (TypeError, ValueError):
+            return inspect.signature(AdapterModel._forward)
+        params = [p for p in base.parameters.values() if p.name != "adapter_names"]
+        extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+        tail = [p for p in params if p.kind == inspect.Parameter.VAR_KEYWORD]
+        head = [p for p in params if p.kind != inspect.Parameter.VAR_KEYWORD]
+        return base.replace(parameters=head + [extra] + tail)
 
     def generate(self, *args, adapter_names: list | None = None, **kwargs):
         """Hugging Face ``generate``; with ``adapter_names`` every sequence keeps its own
@@ -334,6 +386,46 @@ class AdapterModel(nn.Module):
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         return {f"{s}.{k}": p for s, part in self.parts(name).items() for k, p in part.named_parameters()}
 
+    # ------------------------------------------------------------------ state dict
+    def adapter_key_prefixes(self, prefix: str = "") -> tuple[str, ...]:
+        """Module-tree prefixes under which adapter tensors live: every site's
+        ``adapters`` container and the input-level parts."""
+        found = [f"{prefix}{path}.adapters." for path, m in self.named_modules() if isinstance(m, Site)]
+        return tuple(found) + (f"{prefix}input_parts.",)
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """Every adapter's parameters and buffers (trained module copies included), keyed
+        by their place in the module tree — not the frozen base, which is
+        ``pm.model.state_dict()``. So Trainer and accelerate checkpoints hold only the
+        adapters, and ``load_state_dict`` can never change the base."""
+        full = super().state_dict(*args, prefix=prefix, keep_vars=keep_vars)
+        keep = self.adapter_key_prefixes(prefix)
+        out = type(full)((k, v) for k, v in full.items() if k.startswith(keep))
+        if hasattr(full, "_metadata"):
+            out._metadata = full._metadata
+        if destination is None:
+            return out
+        destination.update(out)
+        return destination
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load adapter tensors as :meth:`state_dict` keys them; all or nothing: names
+        (with ``strict``), shapes and finite values are checked before any tensor is
+        copied. Keys of the base are never loaded (unexpected)."""
+        from torch.nn.modules.module import _IncompatibleKeys
+
+        from .formats.files import check_tensors
+        own = self.state_dict(keep_vars=True)
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        if strict and (missing or unexpected):
+            raise LoadError(f"state dict does not fit this model's adapters: missing {missing[:3]} "
+                            f"({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)})")
+        given = {k: state_dict[k] for k in own if k in state_dict}
+        check_tensors(given, {k: own[k] for k in given}, "state dict")
+        super().load_state_dict(given, strict=False, assign=assign)
+        return _IncompatibleKeys(missing, unexpected)
+
     # ------------------------------------------------------------------ training
     def train_adapter(self, name: str) -> list[nn.Parameter]:
         """Make ``name`` the only trainable thing and activate it; return its parameters."""
@@ -362,18 +454,26 @@ class AdapterModel(nn.Module):
             own = sum(p.numel() for p in self.adapter_parameters(name).values())
         return {"adapter": own, "base": base, "share": own / base if base else 0.0}
 
-    def gradient_checkpointing_enable(self, use_reentrant: bool = False) -> None:
+    def gradient_checkpointing_enable(self, use_reentrant: bool = False, gradient_checkpointing_kwargs=None,
+                                      **options) -> None:
         """Turn on the base model's activation (gradient) checkpointing. Non-reentrant by
         default, so gradients reach the adapters although the frozen inputs need none.
-        The active setup lives on this object, so the recomputed forward uses it too."""
-        kwargs = {"use_reentrant": use_reentrant}
+        The active setup lives on this object, so the recomputed forward uses it too.
+        Takes Hugging Face's keyword forms too, so Trainer can call it."""
+        kwargs = {"use_reentrant": use_reentrant, **(gradient_checkpointing_kwargs or {})}
         if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5
-            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **options)
         elif hasattr(self.model, "gradient_checkpointing_enable"):
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **options)
         else:
             raise StateError(f"{type(self.model).__name__} has no built-in checkpointing; wrap its blocks "
                              f"with torch.utils.checkpoint yourself")
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **options) -> None:
+        """transformers 5's name for :meth:`gradient_checkpointing_enable` (Trainer calls it)."""
+        kwargs = dict(activation_checkpointing_kwargs or {})
+        self.gradient_checkpointing_enable(use_reentrant=kwargs.pop("use_reentrant", False),
+                                           gradient_checkpointing_kwargs=kwargs, **options)
 
     # ------------------------------------------------------------------ merging
     def is_merged(self, name: str) -> bool:
@@ -492,12 +592,25 @@ class AdapterModel(nn.Module):
         return self.model
 
     # ------------------------------------------------------------------ files
-    def save_adapter(self, name: str, path: str | Path, format: str = "native", overwrite: bool = False) -> Path:
-        """Save to a folder (``native`` or ``peft`` format), atomically."""
+    def save_adapter(self, name: str, path: str | Path, format: str = "native", overwrite: bool = False,
+                     store: str | Path | None = None):
+        """Save to a folder (``native`` or ``peft`` format), atomically; or, for
+        ``"store:NAME"`` (``"store:NAME@ALIAS"``), as the next version of NAME in the
+        adapter store (``store``: its folder, default ``$POLYADAPTER_HOME/store``).
+        Returns the folder, or the stored :class:`~polyadapter.store.Version`."""
+        from .store import is_store_ref, save_to_store
+        if is_store_ref(path):
+            return save_to_store(self, name, str(path), store=store)
         from .formats import save_adapter
         return save_adapter(self, name, Path(path), format=format, overwrite=overwrite)
 
-    def load_adapter(self, path: str | Path, name: str | None = None, activate: bool = True) -> AdapterRecord:
+    def load_adapter(self, path: str | Path, name: str | None = None, activate: bool = True,
+                     store: str | Path | None = None) -> AdapterRecord:
+        """Load a native or PEFT folder, or ``"store:NAME[@VERSION|@ALIAS]"`` from the
+        adapter store, as a new adapter (all or nothing)."""
+        from .store import is_store_ref, load_from_store
+        if is_store_ref(path):
+            return load_from_store(self, str(path), name=name, activate=activate, store=store)
         from .formats import load_adapter
         record = load_adapter(self, Path(path), name=name)
         if activate:

@@ -15,6 +15,7 @@ from torch import nn
 from .errors import AdapterNameError
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+INPUT_SITE = "input_embeddings"  # file-key prefix of input-level parts (prompt tuning)
 RESERVED = frozenset(n for n in dir(nn.ModuleDict()) if ADAPTER_NAME.fullmatch(n))
 
 

@@ -123,6 +123,29 @@ def adapter_folder(path: str | Path) -> Path:
     return p
 
 
+# ---------------------------------------------------------------------- store references
+def add_store_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", metavar="DIR", default=None,
+                   help="adapter store for store:NAME[@VERSION|@ALIAS] references (default: $POLYADAPTER_HOME/store, "
+                        "else ~/.cache/polyadapter/store)")
+
+
+def is_store_ref(text) -> bool:
+    from ..store import is_store_ref as check
+    return check(str(text))
+
+
+def check_store_out(out: str, store_dir: str | None, verb: str) -> None:
+    """For ``--out store:NAME``: the name is valid, no version is asked for (the store
+    numbers them) and the store exists — all before anything is trained or loaded."""
+    from ..store import Store, parse_ref
+    ref = parse_ref(out)
+    if ref.version is not None:
+        raise CLIError(f"--out {out}: the store numbers versions itself; use --out store:{ref.name} "
+                       f"(or store:{ref.name}@ALIAS)")
+    Store(store_dir).close()  # StoreNotFoundError (run `polyadapter store init`) before any work
+
+
 def _is_adapter_folder(p: Path) -> bool:
     return (p / "polyadapter.json").is_file() or (p / "adapter_config.json").is_file()
 

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PolyAdapterError
-from .common import CLIError, _pct, _table, adapter_folder
+from .common import CLIError, _pct, _table, adapter_folder, add_store_arg, is_store_ref
 
 
 def describe(path: str | Path) -> dict:
@@ -34,6 +35,8 @@ def describe(path: str | Path) -> dict:
             "tensors": len(tensors), "size_bytes": size, "config": config, "base_model": base,
             "library_version": meta.get("library_version"), "provenance": meta.get("provenance", {}),
         }
+    if fmt == "adapters":
+        return _describe_adapterhub(path, size)
     config = read_json(path / "adapter_config.json")
     check_file(PeftFields, config, str(path / "adapter_config.json"))
     weights = path / "adapter_model.safetensors"
@@ -49,6 +52,35 @@ def describe(path: str | Path) -> dict:
         "tensors": len(tensors), "size_bytes": size, "config": config,
         "base_model": {"name_or_path": config.get("base_model_name_or_path")},
         "library_version": config.get("peft_version"), "provenance": {},
+    }
+
+
+def _describe_adapterhub(path: Path, size: int) -> dict:
+    """An AdapterHub adapter or fusion folder, from its files (mapped to our terms)."""
+    from ..formats import adapterhub as ah
+    from ..formats.files import read_json
+    from ..validate import check_file
+    if (path / ah.FUSION_CONFIG_FILE).is_file():
+        meta = check_file(ah.AdapterHubFusion, read_json(path / ah.FUSION_CONFIG_FILE),
+                          str(path / ah.FUSION_CONFIG_FILE))
+        tensors = _safetensors_shapes(path / ah.FUSION_WEIGHTS_FILE)
+        config = {"method": "fusion", "adapters": meta.adapter_names, "style": "adapterhub", **meta.config}
+        sites, method, name, version = {k.split(".adapter_fusion_layer.")[0] for k in tensors}, "fusion", \
+            meta.name, meta.version
+        targets, saved = None, []
+    else:
+        form = ah.from_adapterhub(path)
+        meta = ah.read_config(path)
+        tensors = {k: list(v.shape) for k, v in form.tensors.items()}
+        config, sites, method = form.config, form.sites, form.config["method"]
+        name, version, targets = meta.name, meta.version, form.config.get("targets")
+        saved = sorted({k.rpartition(".")[0] for k in form.head})
+    n = sum(_numel(s) for s in tensors.values())
+    return {
+        "path": str(path), "format": "adapters", "name": name, "method": method, "targets": targets,
+        "modules_to_save": saved, "sites": len(sites), "parameters": n, "share_of_base": None,
+        "tensors": len(tensors), "size_bytes": size, "config": config, "base_model": {},
+        "library_version": version, "provenance": {},
     }
 
 
@@ -87,12 +119,18 @@ def _human_bytes(n: int) -> str:
 
 
 def cmd_info(args) -> int:
+    if is_store_ref(args.path):  # a stored version: what `polyadapter store show` prints
+        from .store import cmd_show
+        args.ref = args.path
+        return cmd_show(args)
     d = describe(args.path)
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
     base = d["base_model"] or {}
-    if d["format"] == "native":
+    if d["format"] == "adapters":
+        base_text = "unknown (AdapterHub files name no base weights)"
+    elif d["format"] == "native":
         base_text = (f"{base.get('class')} ({base.get('model_type')}), {base.get('num_parameters', 0):,} parameters, "
                      f"structure {base.get('structure_sha256')}, weights {base.get('weights_sha256')}"
                      if base else "unknown (converted without a base model)")
@@ -172,13 +210,14 @@ def cmd_methods(args) -> int:
 
 # ---------------------------------------------------------------------- parser
 def add_parsers(sub) -> None:
-    i = sub.add_parser("info", help="describe an adapter folder (native or PEFT)")
-    i.add_argument("path", help="adapter folder or run folder")
+    i = sub.add_parser("info", help="describe an adapter folder (native, PEFT or AdapterHub)")
+    i.add_argument("path", help="adapter folder, run folder, or store:NAME[@VERSION|@ALIAS]")
     i.add_argument("--json", action="store_true", help="print as JSON")
+    add_store_arg(i)
     i.set_defaults(func=cmd_info)
 
-    c = sub.add_parser("convert", help="convert an adapter folder between the native and PEFT formats")
-    c.add_argument("--to", required=True, choices=("peft", "native"))
+    c = sub.add_parser("convert", help="convert an adapter folder between the native, PEFT and AdapterHub formats")
+    c.add_argument("--to", required=True, choices=("peft", "native", "adapters"))
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
@@ -187,3 +226,31 @@ def add_parsers(sub) -> None:
     m = sub.add_parser("methods", help="list adapter methods and their config fields")
     m.add_argument("--json", action="store_true", help="print as JSON")
     m.set_defaults(func=cmd_methods)
+
+
+# ---------------------------------------------------------------------- sources of other verbs
+@dataclass
+class Source:
+    """An adapter a verb reads: a folder (native, PEFT, a run folder) or a store
+    reference, with what its files say before any model is loaded."""
+
+    spec: str                   # what to hand to load_adapter: a folder path or "store:NAME@V"
+    name: str                   # its adapter name
+    provenance: dict
+    shapes: dict                # tensor name -> shape
+
+
+def read_source(text: str, store_dir: str | None) -> Source:
+    """Resolve and check a source given on the command line (its files, or its stored
+    version and hash), naming what is wrong; nothing is loaded into a model yet."""
+    if is_store_ref(text):
+        from ..store import Store
+        with Store(store_dir) as s:
+            v = s.resolve(text)
+            return Source(f"store:{v.ref}", v.name, dict(v.provenance), dict(v.shapes))
+    folder = adapter_folder(text)
+    desc = describe(folder)
+    weights = next((folder / f for f in ("adapter.safetensors", "adapter_model.safetensors", "adapter.compeft.safetensors")
+                    if (folder / f).is_file()), None)
+    shapes = _safetensors_shapes(weights) if weights is not None else {}
+    return Source(str(folder), desc["name"] or folder.name, desc.get("provenance") or {}, shapes)

@@ -18,57 +18,47 @@ import json
 import re
 from pathlib import Path
 
-from .common import (
-    SEED,
-    SHARE,
-    WEIGHT,
-    CLIError,
-    _add_data_args,
-    _table,
-    adapter_folder,
-    count,
-)
-from .describe import describe
+from ..names import safe_name
+from .common import (SEED, SHARE, WEIGHT, CLIError, _add_data_args, _table, add_store_arg, check_store_out, count,
+                     is_store_ref)
+from .describe import read_source
 
 
 # ---------------------------------------------------------------------- loading
-def load_with_adapters(paths: list[str], model: str | None, heads_from: int = 0):
+def load_with_adapters(paths: list[str], model: str | None, heads_from: int = 0, store: str | None = None):
     """(AdapterModel, tokenizer, adapter names, label names or None): the base model the
-    ``heads_from``-th adapter was trained on (or ``model``) with every folder loaded
-    under its own name; the label names are that adapter's, from its provenance."""
+    ``heads_from``-th adapter was trained on (or ``model``) with every source — a folder
+    or a ``store:`` reference — loaded under its own name; the label names are that
+    adapter's, from its provenance."""
     from ..basemodels import load_classifier
     from ..model import AdapterModel
 
     if not 0 <= heads_from < len(paths):
         raise CLIError(f"--heads-from {heads_from}: there are {len(paths)} adapters, so it must be 0 to "
                        f"{len(paths) - 1}")
-    folders = [adapter_folder(p) for p in paths]
-    descs = [describe(f) for f in folders]  # validates every folder before the model loads
-    prov = descs[heads_from]["provenance"] or {}
+    sources = [read_source(p, store) for p in paths]  # every source checked before the model loads
+    prov = sources[heads_from].provenance
     label_names = prov.get("label_names")
-    num_labels = len(label_names) if label_names else _head_width(folders[heads_from]) or 2
+    num_labels = len(label_names) if label_names else _head_width(sources[heads_from].shapes) or 2
     net, tokenizer = load_classifier(model or prov.get("base_model") or "minilm", num_labels, label_names, seed=0)
     pm = AdapterModel(net)
     names = []
-    for folder, desc in zip(folders, descs):
-        name = _free_name(pm, desc["name"] or folder.name)
-        pm.load_adapter(folder, name=name, activate=False)
+    for source in sources:
+        name = _free_name(pm, source.name)
+        pm.load_adapter(source.spec, name=name, activate=False, store=store)
         names.append(name)
     return pm, tokenizer, names, label_names
 
 
-def _head_width(folder: Path) -> int | None:
-    from .describe import _safetensors_shapes
-    for file in ("adapter.safetensors", "adapter_model.safetensors"):
-        if (folder / file).is_file():
-            for key, shape in _safetensors_shapes(folder / file).items():
-                if re.search(r"classifier(\.module)?\.weight$", key) and len(shape) == 2:
-                    return shape[0]
+def _head_width(shapes: dict) -> int | None:
+    for key, shape in shapes.items():
+        if re.search(r"classifier(\.module)?\.weight$", key) and len(shape) == 2:
+            return shape[0]
     return None
 
 
 def _free_name(pm, name: str) -> str:
-    base = re.sub(r"[^A-Za-z0-9_\-]", "-", str(name))[:60] or "adapter"
+    base = safe_name(str(name)[:60], fallback="adapter")
     out, i = base, 1
     while out in pm.adapters:
         i += 1
@@ -78,12 +68,19 @@ def _free_name(pm, name: str) -> str:
 
 def _check_out(args, kind: str = "adapter") -> None:
     """Refuse an --out that cannot be written before anything is loaded."""
+    if is_store_ref(args.out):
+        if kind != "adapter":
+            raise CLIError(f"--out {args.out}: this verb writes a {kind} folder, not an adapter; give a folder")
+        check_store_out(args.out, args.store, args.command)
+        return
     from ..formats.folders import check_destination
     check_destination(Path(args.out), args.overwrite, kind=kind)
 
 
-def _save(pm, name: str, out: str, fmt: str, overwrite: bool) -> Path:
-    return pm.save_adapter(name, out, format=fmt, overwrite=overwrite)
+def _save(pm, name: str, args) -> str:
+    """Save the result to --out (a folder, or the store) and say where it went."""
+    saved = pm.save_adapter(name, args.out, format=args.format, overwrite=args.overwrite, store=args.store)
+    return f"store:{saved.ref}" if is_store_ref(args.out) else str(saved)
 
 
 def _report(args, rows: list[tuple[str, str]], data: dict) -> None:
@@ -96,13 +93,13 @@ def cmd_combine(args) -> int:
     if args.weights is not None and len(args.weights) != len(args.adapters):
         raise CLIError(f"--weights has {len(args.weights)} values for {len(args.adapters)} adapters")
     _check_out(args)
-    pm, _, names, _ = load_with_adapters(args.adapters, args.model, args.heads_from)
+    pm, _, names, _ = load_with_adapters(args.adapters, args.model, args.heads_from, args.store)
     weights = args.weights or [1.0 / len(names)] * len(names)
     opts = {k: v for k, v in (("rank", args.rank), ("density", args.density), ("seed", args.seed)) if v is not None}
     if args.majority_sign:
         opts["majority_sign"] = args.majority_sign
     record = combine(pm, "combined", names, weights, args.method, modules_from=names[args.heads_from], **opts)
-    path = _save(pm, "combined", args.out, args.format, args.overwrite)
+    path = _save(pm, "combined", args)
     _report(args, [("combined", ", ".join(f"{n} x {w:g}" for n, w in zip(names, weights))),
                    ("method", args.method), ("rank", str(record.config.r)), ("written", str(path))],
             {"path": str(path), **record.provenance})
@@ -116,7 +113,7 @@ def cmd_compress(args) -> int:
         raise CLIError(f"--method {args.method} compresses one adapter; found {len(args.adapters)}")
     _check_out(args)
     from ..ops.compress import compeft, svd_compress
-    pm, _, (name,), _ = load_with_adapters(args.adapters, args.model)
+    pm, _, (name,), _ = load_with_adapters(args.adapters, args.model, store=args.store)
     if args.method == "svd":
         if (args.rank is None) == (args.energy is None):
             raise CLIError("--method svd needs exactly one of --rank or --energy")
@@ -125,7 +122,7 @@ def cmd_compress(args) -> int:
         if args.rank is not None or args.energy is not None:
             raise CLIError("--method compeft takes --density, not --rank or --energy")
         record = compeft(pm, name, "compressed", density=args.density if args.density is not None else 0.1)
-    path = _save(pm, "compressed", args.out, args.format, args.overwrite)
+    path = _save(pm, "compressed", args)
     prov = record.provenance
     _report(args, [("source", name), ("method", args.method),
                    ("storage ratio", f"{prov.get('storage_ratio', float('nan')):.1f}x"), ("written", str(path))],
@@ -137,16 +134,19 @@ def _shared_basis(args) -> int:
     from ..ops.shared_basis import compress_to_shared_basis
     if args.rank is None:
         raise CLIError("--method shared-basis needs --rank (the shared basis size k)")
+    if is_store_ref(args.out):
+        raise CLIError(f"--out {args.out}: shared-basis writes several adapters that name each other (the basis "
+                       f"and one per source); write them to a folder, then `polyadapter store add` each")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"{out}: is a file; --out of shared-basis is a folder that gets one adapter folder per result")
     from ..formats.folders import check_destination
     check_destination(out / "basis", args.overwrite)
-    pm, _, names, _ = load_with_adapters(args.adapters, args.model)
+    pm, _, names, _ = load_with_adapters(args.adapters, args.model, store=args.store)
     summary = compress_to_shared_basis(pm, names, "basis", rank=args.rank, suffix="-jd")
-    written = [_save(pm, "basis", str(out / "basis"), "native", args.overwrite)]
+    written = [pm.save_adapter("basis", out / "basis", overwrite=args.overwrite)]
     for n in names:
-        written.append(_save(pm, f"{n}-jd", str(out / f"{n}-jd"), "native", args.overwrite))
+        written.append(pm.save_adapter(f"{n}-jd", out / f"{n}-jd", overwrite=args.overwrite))
     _report(args, [("sources", ", ".join(names)), ("shared basis rank", str(args.rank)),
                    ("storage ratio", f"{summary['storage_ratio']:.1f}x"),
                    ("written", ", ".join(str(w) for w in written))],
@@ -157,7 +157,7 @@ def _shared_basis(args) -> int:
 def cmd_merge(args) -> int:
     from ..formats.folders import replace_folder
     _check_out(args, kind="model")
-    pm, tokenizer, names, _ = load_with_adapters(args.adapters, args.model)
+    pm, tokenizer, names, _ = load_with_adapters(args.adapters, args.model, store=args.store)
     model = pm.merge_and_unload(*names)
     out = Path(args.out)
 
@@ -175,7 +175,7 @@ def cmd_lorahub(args) -> int:
     from ..data import load_dataset, relabel, split
     from ..ops.lorahub import lorahub
     _check_out(args)
-    pm, tokenizer, names, label_names = load_with_adapters(args.adapters, args.model, args.heads_from)
+    pm, tokenizer, names, label_names = load_with_adapters(args.adapters, args.model, args.heads_from, args.store)
     data = load_dataset(args.data, args.text_column, args.label_column)
     if label_names:
         data = relabel(data, label_names)
@@ -185,7 +185,7 @@ def cmd_lorahub(args) -> int:
     examples = [{**enc, "labels": torch.tensor(list(shots.labels))}]
     record = lorahub(pm, "lorahub", names, examples, budget=args.budget, seed=args.seed,
                      modules_from=names[args.heads_from], progress=not args.quiet)
-    path = _save(pm, "lorahub", args.out, args.format, args.overwrite)
+    path = _save(pm, "lorahub", args)
     prov = record.provenance
     _report(args, [("weights", ", ".join(f"{n}: {w:+.3f}" for n, w in zip(names, prov["weights"]))),
                    ("few-shot loss", json.dumps(prov.get("loss"))), ("written", str(path))],
@@ -196,13 +196,15 @@ def cmd_lorahub(args) -> int:
 # ---------------------------------------------------------------------- parser
 def add_parsers(sub) -> None:
     def common(p, formats=True):
-        p.add_argument("adapters", nargs="+", help="adapter folders (native or PEFT) or run folders")
+        p.add_argument("adapters", nargs="+",
+                       help="adapter folders (native or PEFT), run folders, or store:NAME[@VERSION|@ALIAS]")
         p.add_argument("--model", help="base model: 'minilm' or a folder (default: the first adapter's base)")
-        p.add_argument("--out", required=True, help="output folder")
+        p.add_argument("--out", required=True, help="output folder, or store:NAME (the next version in the store)")
         if formats:
             p.add_argument("--format", choices=("native", "peft"), default="native")
         p.add_argument("--overwrite", action="store_true", help="replace the output folder")
         p.add_argument("--json", action="store_true", help="print the result as JSON")
+        add_store_arg(p)
 
     c = sub.add_parser("combine", help="combine adapters into one (linear, TIES, DARE, SVD, ...)",
                        description="Combine LoRA (or IA3) adapters into a new adapter. Methods: linear, cat, "

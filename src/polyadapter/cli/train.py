@@ -19,10 +19,12 @@ from .common import (
     _size,
     _table,
     _write_json,
-    adapter_folder,
+    add_store_arg,
+    check_store_out,
     count,
+    is_store_ref,
 )
-from .describe import describe
+from .describe import read_source
 
 QUICKSTART = {
     "model": "minilm", "data": "bbc",
@@ -32,11 +34,13 @@ QUICKSTART = {
 }
 
 
-def run_training(*, model: str, data_spec: str, config: dict, out: Path, epochs: int, lr: float,
+def run_training(*, model: str, data_spec: str, config: dict, out, epochs: int, lr: float,
                  batch_size: int, max_length: int, train_size, test_size, seed: int, progress: bool,
                  text_column: str = "text", label_column: str = "label", format: str = "native",
-                 overwrite: bool = False, name: str = "adapter") -> dict:
-    """Load data and base, add an adapter, measure, train, measure, save. Returns a summary."""
+                 overwrite: bool = False, name: str = "adapter", store: str | None = None) -> dict:
+    """Load data and base, add an adapter, measure, train, measure, save. Returns a summary.
+    ``out``: a run folder (OUT/adapter + OUT/metrics.json), or ``store:NAME`` (the next
+    version of NAME in the adapter store; the metrics then live in its provenance)."""
     from ..basemodels import classifier_head, load_classifier
     from ..data import load_dataset, split
     from ..formats.folders import check_destination
@@ -53,11 +57,16 @@ def run_training(*, model: str, data_spec: str, config: dict, out: Path, epochs:
             raise CLIError(f"PEFT's format cannot hold a {method} adapter (only {sorted(PEFT_TYPES.values())}); "
                            f"use --format native")
     check_name(name, "--name")
-    out = Path(out)
-    target = out / ADAPTER_DIR
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"{out}: is a file; --out is a run folder (the adapter goes to OUT/{ADAPTER_DIR})")
-    check_destination(target, overwrite)  # refuses a non-adapter folder, and unwritable places
+    to_store = is_store_ref(out)
+    if to_store:
+        check_store_out(str(out), store, "train")
+        target = str(out)
+    else:
+        out = Path(out)
+        target = out / ADAPTER_DIR
+        if out.exists() and not out.is_dir():
+            raise CLIError(f"{out}: is a file; --out is a run folder (the adapter goes to OUT/{ADAPTER_DIR})")
+        check_destination(target, overwrite)  # refuses a non-adapter folder, and unwritable places
     data = load_dataset(data_spec, text_column, label_column)
     train, test = split(data, test_size=test_size, train_size=train_size, seed=seed)
     if len(train) == 0:
@@ -88,10 +97,10 @@ def run_training(*, model: str, data_spec: str, config: dict, out: Path, epochs:
                     **({"test_accuracy": after["accuracy"], "test_loss": after["loss"],
                         "test_accuracy_before": before["accuracy"]} if after else {})},
     })
-    saved = pm.save_adapter(name, target, format=format, overwrite=overwrite)
+    saved = pm.save_adapter(name, target, format=format, overwrite=overwrite, store=store)
     elapsed = time.perf_counter() - start
     summary = {
-        "adapter": str(saved), "format": format, "method": cfg.method, "config": record.config.to_dict(),
+        "adapter": f"store:{saved.ref}" if to_store else str(saved), "format": format, "method": cfg.method, "config": record.config.to_dict(),
         "sites": len(record.sites), "level": method_spec(cfg.method).level, "model": str(model), "data": data.name,
         "label_names": data.label_names, "n_train": len(train), "n_test": len(test),
         "accuracy_before": before["accuracy"] if before else None, "loss_before": before["loss"] if before else None,
@@ -100,7 +109,8 @@ def run_training(*, model: str, data_spec: str, config: dict, out: Path, epochs:
         "trainable_share": counts["share"], "training": metrics, "seconds": round(elapsed, 1),
         "library_version": __version__,
     }
-    _write_json(out / METRICS_FILE, summary)
+    if not to_store:
+        _write_json(out / METRICS_FILE, summary)
     return summary
 
 
@@ -132,7 +142,8 @@ def _print_summary(s: dict, title: str) -> None:
         ]
     rows += [
         ("time", f"{s['seconds']:.0f} s in all, {s['training']['train_seconds']:.0f} s training"),
-        ("saved to", f"{s['adapter']}  (metrics: {Path(s['adapter']).parent / METRICS_FILE})"),
+        ("saved to", s["adapter"] + ("  (metrics in its provenance)" if s["adapter"].startswith("store:") else
+                                     f"  (metrics: {Path(s['adapter']).parent / METRICS_FILE})")),
     ]
     print(f"\n{title}\n" + _table(rows), flush=True)
 
@@ -164,10 +175,11 @@ def cmd_train(args) -> int:
         raise CLIError(f"--method {args.method} contradicts method {config['method']!r} in {args.config}")
     config["method"] = method
     summary = run_training(
-        model=args.model, data_spec=args.data, config=config, out=Path(args.out), epochs=args.epochs,
+        model=args.model, data_spec=args.data, config=config, out=args.out, epochs=args.epochs,
         lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, train_size=args.train_size,
         test_size=args.test_size, seed=args.seed, progress=not args.quiet, text_column=args.text_column,
-        label_column=args.label_column, format=args.format, overwrite=args.overwrite, name=args.name)
+        label_column=args.label_column, format=args.format, overwrite=args.overwrite, name=args.name,
+        store=args.store)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -182,9 +194,9 @@ def cmd_eval(args) -> int:
     from ..model import AdapterModel
     from ..training import evaluate
 
-    path = adapter_folder(args.adapter)
-    desc = describe(path)  # validates the folder before the model loads
-    prov = desc.get("provenance") or {}
+    source = read_source(args.adapter, args.store)  # checks the folder (or stored version) before the model loads
+    path = source.spec
+    prov = source.provenance
     data = load_dataset(args.data, args.text_column, args.label_column)
     label_names = prov.get("label_names") or data.label_names
     data = relabel(data, label_names)
@@ -203,7 +215,7 @@ def cmd_eval(args) -> int:
     model = args.model or prov.get("base_model") or "minilm"
     net, tokenizer = load_classifier(model, len(label_names), label_names, seed=0)
     pm = AdapterModel(net)
-    record = pm.load_adapter(path)
+    record = pm.load_adapter(path, store=args.store)
     max_length = args.max_length or (prov.get("training") or {}).get("max_length") or 128
     check_max_length(net, max_length)
     result = evaluate(pm, part, tokenizer, batch_size=args.batch_size, max_length=max_length,
@@ -238,7 +250,9 @@ def add_parsers(sub) -> None:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                    help="a config field; the value is parsed as JSON when it can be (r=16, "
                         "'targets=[\"query\",\"value\"]'); repeatable")
-    t.add_argument("--out", required=True, help="run folder: the adapter goes to OUT/adapter, metrics to OUT/metrics.json")
+    t.add_argument("--out", required=True, help="run folder: the adapter goes to OUT/adapter, metrics to "
+                                                "OUT/metrics.json; or store:NAME (the next version in the store)")
+    add_store_arg(t)
     t.add_argument("--name", default="adapter", help="adapter name stored in the file (default: %(default)s)")
     t.add_argument("--format", choices=("native", "peft"), default="native", help="adapter file format")
     t.add_argument("--overwrite", action="store_true", help="replace OUT/adapter if it exists")
@@ -251,7 +265,8 @@ def add_parsers(sub) -> None:
                                    "and measure accuracy. By default it uses the held-out split the adapter "
                                    "was trained with when the data is the same.")
     e.add_argument("--model", help="base model: 'minilm' or a folder (default: the one the adapter was trained on)")
-    e.add_argument("--adapter", required=True, help="adapter folder or run folder")
+    e.add_argument("--adapter", required=True, help="adapter folder, run folder, or store:NAME[@VERSION|@ALIAS]")
+    add_store_arg(e)
     _add_data_args(e)
     e.add_argument("--all", action="store_true", help="evaluate on every row, not a held-out split")
     e.add_argument("--test-size", type=_size, help="held-out split size (default: as in training, else 0.2)")

@@ -32,7 +32,7 @@ from typing import Callable
 
 from ..errors import PolyAdapterError
 
-ADAPTER_MARKERS = ("polyadapter.json", "adapter_config.json")
+ADAPTER_MARKERS = ("polyadapter.json", "adapter_config.json", "adapter_fusion_config.json")  # ours, PEFT, AdapterHub
 MODEL_MARKERS = ("config.json",)
 PARTIAL = ".partial-"      # .<name>.partial-<pid>-<random>: a folder being written
 PREVIOUS = ".previous"     # .<name>.previous: the old folder during a two-rename swap

@@ -664,12 +664,22 @@ def native_to_peft_folder(src: Path, dst: Path, overwrite: bool = False) -> Path
     return write_folder(Path(dst), {CONFIG_FILE: peft_config, WEIGHTS_FILE: out}, overwrite=overwrite)
 
 
-def peft_to_native_folder(src: Path, dst: Path, overwrite: bool = False) -> Path:
-    """Convert a PEFT folder to the native format without a base model (fingerprint left
-    empty). Base-weight copies PEFT stored are dropped with a warning: there is no base to
-    check them against."""
-    from . import native
-    src, dst = Path(src), Path(dst)
+@dataclass
+class NativeParts:
+    """A PEFT folder in the native format's terms, read without a base model."""
+
+    config: object              # the method config
+    sites: list[str]
+    saved_modules: list[str]
+    tensors: dict[str, torch.Tensor]
+    provenance: dict
+
+
+def native_parts(src: Path) -> NativeParts:
+    """Read the PEFT folder ``src`` as what a native folder holds (no base model, so
+    base-weight copies PEFT stored are dropped with a warning: nothing to check them
+    against). Used by :func:`peft_to_native_folder` and the adapter store."""
+    src = Path(src)
     peft_config, peft_tensors = read_folder(src)
     form = from_peft(peft_config, peft_tensors, where=str(src), exact_order=True)
     if form.other:
@@ -684,7 +694,15 @@ def peft_to_native_folder(src: Path, dst: Path, overwrite: bool = False) -> Path
         config = config_from_dict(form.config, where=str(src / CONFIG_FILE))
     except ConfigError as e:
         raise LoadError(str(e)) from None
-    return native.write(dst, name=_name_from(dst), config=config, sites=form.sites,
-                        saved_modules=form.saved_modules, tensors=form.tensors,
-                        num_parameters=sum(t.numel() for t in form.tensors.values()), base_model={},
-                        provenance=_provenance(peft_config), overwrite=overwrite)
+    return NativeParts(config, form.sites, form.saved_modules, form.tensors, _provenance(peft_config))
+
+
+def peft_to_native_folder(src: Path, dst: Path, overwrite: bool = False) -> Path:
+    """Convert a PEFT folder to the native format without a base model (fingerprint left
+    empty; see :func:`native_parts`)."""
+    from . import native
+    parts = native_parts(src)
+    return native.write(Path(dst), name=_name_from(Path(dst)), config=parts.config, sites=parts.sites,
+                        saved_modules=parts.saved_modules, tensors=parts.tensors,
+                        num_parameters=sum(t.numel() for t in parts.tensors.values()), base_model={},
+                        provenance=parts.provenance, overwrite=overwrite)
