@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def readme_commands() -> list[str]:
     lines = (ROOT / "README.md").read_text().splitlines()
-    return [lines[i + 1] for i, line in enumerate(lines) if line == "```bash" and "python3 -m venv" in lines[i + 1]]
+    return [lines[i + 1] for i, line in enumerate(lines)
+            if line == "```bash" and lines[i + 1].startswith("python3 -m venv .venv && ")]
 
 
 def test_readme_has_the_two_commands():

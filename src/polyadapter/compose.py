@@ -300,9 +300,20 @@ def memo(inner):
         y = cache[key][1]
         if torch.is_grad_enabled():
             return y
-        return y.clone() if isinstance(y, torch.Tensor) else type(y)(t.clone() if isinstance(t, torch.Tensor) else t
-                                                                      for t in y)
+        return _clone(y) if isinstance(y, torch.Tensor) else type(y)(_clone(t) if isinstance(t, torch.Tensor) else t
+                                                                       for t in y)
     return call
+
+
+_PRE_NORM = "_polyadapter_pre_norm"  # mixed.PRE_NORM (a LayerNorm site's pre-norm sum), kept on copies
+
+
+def _clone(t: torch.Tensor) -> torch.Tensor:
+    out = t.clone()
+    mark = getattr(t, _PRE_NORM, None)
+    if mark is not None:
+        setattr(out, _PRE_NORM, mark)
+    return out
 
 
 def first_tensor(y):

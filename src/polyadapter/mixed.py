@@ -15,9 +15,12 @@ into one bank, e.g. all rank-16 LoRAs), never one per adapter:
 
 Each row belongs to at most one bucket per level, so for every row this is exactly
 its own adapter's rule. Parts that do not stack into banks (sparse deltas, trained
-module copies) run once per distinct adapter on their rows' sub-batch. Rows whose
+module copies, bottlenecks at a LayerNorm or output block) run once per distinct
+adapter on their rows' sub-batch, with the rows of the site's other batch-shaped
+arguments and a row plan of just those rows for the sites nested inside. Rows whose
 setup holds an ``Average`` or ``Fuse`` are evaluated per distinct setup on their
-sub-batch (after the level path computed them as base rows).
+sub-batch, reusing the base output the level path computed for them (a whole decoder
+layer as a site must not run twice: it would append its KV cache again).
 
 Banks (the stacked weights of one bucket at one site, across *all* adapters there)
 are cached on the site and rebuilt when an adapter's tensors change (parameter
@@ -85,7 +88,7 @@ class Layout:
     id: int
 
     @classmethod
-    def build(cls, site, key) -> "Layout":
+    def build(cls, site, key) -> Layout:
         roles, slots, buckets, index = {}, {}, [], {}
         for name, part in site.adapters.items():
             if name in site.merged:
@@ -134,7 +137,7 @@ class RowPlan:
     _groups_t: dict = field(default_factory=dict)
 
     @classmethod
-    def build(cls, setups: list, device) -> "RowPlan":
+    def build(cls, setups: list, device) -> RowPlan:
         plan = cls(list(setups), torch.device(device))
         depth = max((len(stack_names(s)) for s in setups if is_plain_stack(s)), default=0)
         plan.levels = [[None] * len(setups) for _ in range(depth)]
@@ -196,6 +199,41 @@ def _make_steps(layout: Layout, names: list, k: int, device) -> list[Step]:
     return steps
 
 
+# ---------------------------------------------------------------------- pre-norm sums
+# Adapters at a post-LN block's LayerNorm (AdapterHub's seq_bn) chain on the sum *before*
+# the norm: each output carries ``(z_in, delta)`` under this attribute (the pre-norm
+# input it read and what it added), so the next adapter of a Stack, a fusion layer, and
+# the level path below read ``z_in + delta`` instead of trying to invert a LayerNorm.
+PRE_NORM = "_polyadapter_pre_norm"
+
+
+def carried_pre_norm(y: torch.Tensor, default: torch.Tensor) -> torch.Tensor:
+    """The pre-norm sum ``y`` carries, else ``default`` (the site input: nothing beneath)."""
+    mark = getattr(y, PRE_NORM, None)
+    if mark is None:
+        return default
+    z, d = mark
+    return z if d is None else z + d
+
+
+def _rows_with_mark(first, rows):
+    sub = first.index_select(0, rows)
+    mark = getattr(first, PRE_NORM, None)
+    if mark is not None:
+        setattr(sub, PRE_NORM, (carried_pre_norm(first, None).index_select(0, rows), None))
+    return sub
+
+
+def _put_rows_with_mark(first, rows, new, x):
+    out = _put_rows(first, rows, new)
+    if getattr(new, PRE_NORM, None) is not None:
+        full = carried_pre_norm(first, x)
+        setattr(out, PRE_NORM, (full.index_copy(0, rows, carried_pre_norm(new, None).to(full.dtype)), None))
+    elif getattr(first, PRE_NORM, None) is not None:
+        setattr(out, PRE_NORM, getattr(first, PRE_NORM))
+    return out
+
+
 # ---------------------------------------------------------------------- at a site
 def apply_rows(plan: RowPlan, site, inner, x, call):
     """The site's output for a mixed batch (see the module docstring)."""
@@ -209,10 +247,24 @@ def apply_rows(plan: RowPlan, site, inner, x, call):
     y = fn(x)
     for setup, rows in plan.group_rows(k):
         sub = x.index_select(0, rows)
+        sub_call = _call_on_rows(call, rows, x.shape[0])
+        # The level path already ran the base on these rows (they have no level adapters):
+        # reuse that output rather than calling the base again — a whole decoder layer as
+        # a site would otherwise append its KV cache twice.
+        first, rest = first_tensor(y)
+        done = first.index_select(0, rows)
+        base_out = done if rest is None else (done,) + rest
+        inner = partial(_base_or_done, sub_call, site.base, sub, base_out)
         with _uniform(site.state, setup):  # sites nested in this one see the group's setup
-            ys = apply_setup(setup, site, partial(call, site.base), sub, call)
+            ys = apply_setup(setup, site, inner, sub, sub_call)
         y = _put_rows(y, rows, first_tensor(ys)[0])
     return y
+
+
+def _base_or_done(call, base, sub, done, t):
+    """The base's output for ``t``: ``done`` when ``t`` is the rows' own input, else a
+    fresh call (a part that scales the input first, e.g. (IA)^3 on feed-forward layers)."""
+    return done if t is sub else call(base, t)
 
 
 @contextmanager
@@ -243,15 +295,45 @@ def _apply_level(site, layout: Layout, steps: list[Step], inner, call, x):
         elif s.role == "apply":
             part = site.adapters[s.ref]
             sub_x = x if s.rows is None else x.index_select(0, s.rows)
-            sub_y = first if s.rows is None else first.index_select(0, s.rows)
+            sub_y = first if s.rows is None else _rows_with_mark(first, s.rows)
             new = first_tensor(part.apply(lambda _x, _y=sub_y: _y, sub_x))[0]
-            first = new if s.rows is None else _put_rows(first, s.rows, new)
+            first = new if s.rows is None else _put_rows_with_mark(first, s.rows, new, x)
         elif s.role == "replace":
             part = site.adapters[s.ref]
             sub_x = x if s.rows is None else x.index_select(0, s.rows)
-            new = first_tensor(call(part.module, sub_x))[0]
+            if s.rows is None:
+                new = first_tensor(call(part.module, sub_x))[0]
+            else:  # sites nested in the module (a block's projection) see these rows' plan
+                with _rows_only(site.state, s.rows, x.shape[0]):
+                    new = first_tensor(_call_on_rows(call, s.rows, x.shape[0])(part.module, sub_x))[0]
             first = new if s.rows is None else _put_rows(first, s.rows, new)
     return first if rest is None else (first,) + rest
+
+
+@contextmanager
+def _rows_only(state, rows: torch.Tensor, n: int):
+    """The mixed-batch plan of just ``rows`` (of a batch of ``n``), while a module runs on them."""
+    plan = state.rows
+    k = n // plan.n_rows
+    saved = state.rows
+    state.rows = RowPlan.build([plan.setups[r // k] for r in rows.tolist()], plan.device)
+    try:
+        yield
+    finally:
+        state.rows = saved
+
+
+def _call_on_rows(call, rows: torch.Tensor, n: int):
+    """``call`` with its other batch-shaped arguments cut to ``rows`` too: a module run
+    on a sub-batch (a module copy, a part that calls a block with its residual input)
+    must see those rows of every batch-shaped argument, not the whole batch's."""
+    if not isinstance(call, partial) or len(call.args) != 2:
+        return call
+    args, kwargs = call.args
+
+    def pick(v):
+        return v.index_select(0, rows) if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
+    return partial(call.func, tuple(pick(a) for a in args), {k: pick(v) for k, v in kwargs.items()})
 
 
 def _bank_apply(site, bucket: Bucket, t, out, step: Step, in_place: bool):

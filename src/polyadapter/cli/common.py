@@ -150,6 +150,14 @@ def _is_adapter_folder(p: Path) -> bool:
     return (p / "polyadapter.json").is_file() or (p / "adapter_config.json").is_file()
 
 
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 

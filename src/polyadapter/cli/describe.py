@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PolyAdapterError
-from .common import CLIError, _pct, _table, adapter_folder, add_store_arg, is_store_ref
+from .common import CLIError, _pct, _table, adapter_folder, add_store_arg, human_bytes, is_store_ref
 
 
 def describe(path: str | Path) -> dict:
@@ -110,14 +110,6 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 def cmd_info(args) -> int:
     if is_store_ref(args.path):  # a stored version: what `polyadapter store show` prints
         from .store import cmd_show
@@ -144,7 +136,7 @@ def cmd_info(args) -> int:
         ("name", str(d["name"])), ("method", str(d["method"])), ("targets", targets or "-"),
         ("modules to save", ", ".join(d["modules_to_save"]) or "-"),
         ("sites", str(d["sites"]) + (" (acts on the input embeddings)" if _level(d["method"]) == "input" else "")),
-        ("parameters", params), ("tensors", str(d["tensors"])), ("size on disk", _human_bytes(d["size_bytes"])),
+        ("parameters", params), ("tensors", str(d["tensors"])), ("size on disk", human_bytes(d["size_bytes"])),
         ("base model", base_text),
     ]
     skip = {"method", "targets", "modules_to_save"}

@@ -9,7 +9,7 @@ import argparse
 import json
 import time
 
-from .common import adapter_folder
+from .common import adapter_folder, human_bytes
 
 
 def _open(args):
@@ -21,18 +21,10 @@ def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 def _rows(versions) -> None:
     """A plain table: one line per version."""
     header = ("REF", "METHOD", "SIZE", "CREATED", "ALIASES", "TAGS", "DESCRIPTION")
-    rows = [(v.ref, v.method, _size(v.size), _when(v.created), ",".join(v.aliases) or "-",
+    rows = [(v.ref, v.method, human_bytes(v.size), _when(v.created), ",".join(v.aliases) or "-",
              ",".join(v.tags) or "-", (v.description[:40] or "-")) for v in versions]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     for r in (header, *rows):
@@ -53,7 +45,7 @@ def cmd_add(args) -> int:
                   alias=args.alias, parents=args.parent or ())
         users = [r for r in s.blob_users(v.blob) if r != v.ref]
         shared = f" (same weights as {', '.join(users[:3])}: stored once)" if users else ""
-        print(f"added {v.ref}: {v.method}, {_size(v.size)}, sha256 {v.blob[:12]}{shared}")
+        print(f"added {v.ref}: {v.method}, {human_bytes(v.size)}, sha256 {v.blob[:12]}{shared}")
     return 0
 
 
@@ -109,7 +101,7 @@ def cmd_show(args) -> int:
             ("sites", f"{len(d['sites'])}" + (f" (e.g. {d['sites'][0]})" if d["sites"] else "")),
             ("modules to save", ", ".join(d["modules_to_save"]) or "-"),
             ("parameters", f"{d['num_parameters']:,}" if d["num_parameters"] is not None else "?"),
-            ("size", f"{_size(d['size_bytes'])} in {d['tensors']} tensors" +
+            ("size", f"{human_bytes(d['size_bytes'])} in {d['tensors']} tensors" +
              (f", packed ({d['packing']})" if d["packing"] else "")),
             ("sha256", d["sha256"]), ("added", _when(d["created"])), ("base model", base_text)]
     for k, v in d["metrics"].items():
@@ -151,7 +143,7 @@ def cmd_rm(args) -> int:
 def cmd_gc(args) -> int:
     with _open(args) as s:
         r = s.gc()
-    print(f"removed {r.blobs_removed} unused blob(s) ({_size(r.bytes_freed)}) and {r.temp_files_removed} "
+    print(f"removed {r.blobs_removed} unused blob(s) ({human_bytes(r.bytes_freed)}) and {r.temp_files_removed} "
           f"stale temp file(s)")
     return 0
 

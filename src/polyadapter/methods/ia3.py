@@ -1,6 +1,13 @@
 """(IA)^3: learned vectors that rescale a Linear layer's output (keys, values) or, for
 feed-forward layers, its input — initialised to ones, so the model starts at the base.
-Parameter layout matches PEFT: ``ia3_l`` is (out, 1), or (1, in) for feed-forward sites."""
+Parameter layout matches PEFT: ``ia3_l`` is (out, 1), or (1, in) for feed-forward sites.
+
+Two conventions for the feed-forward vector, both offered (``placement``):
+``"peft"`` (the default; PEFT's and the paper's code): the *input* of the FFN's second
+projection is scaled (after the activation); ``"adapterhub"`` (AdapterHub's
+``IA3Config``): the *output* of the FFN's first projection is scaled (before the
+activation) — ``presets.py`` key ``ia3_adapterhub``. They differ unless the activation
+commutes with scaling (ReLU with positive scales does; GELU does not)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,13 +25,18 @@ from .spec import MethodSpec, with_preset_targets
 @dataclass
 class IA3Config(AdapterConfig):
     """``feedforward``: patterns of target sites whose *input* is scaled; ``None`` takes
-    the family preset when ``targets`` is also unset, else no site is feed-forward."""
+    the family preset when ``targets`` is also unset, else no site is feed-forward.
+    ``placement`` picks the preset when ``targets`` is None: ``"peft"`` (FFN second
+    projection's input) or ``"adapterhub"`` (FFN first projection's output; no
+    feed-forward sites)."""
 
     method: ClassVar[str] = "ia3"
     pattern_fields: ClassVar[tuple[str, ...]] = ("targets", "modules_to_save", "feedforward")
     feedforward: list[str] | None = None
+    placement: str = "peft"
 
     def validate(self):
+        self.require(self.placement in ("peft", "adapterhub"), "placement", "'peft' or 'adapterhub'")
         if isinstance(self.feedforward, str):
             self.feedforward = [self.feedforward]
         if self.feedforward is not None:
@@ -58,7 +70,7 @@ class IA3Part(nn.Module):
         return ("ia3", self.is_feedforward, self.ia3_l.numel(), self.ia3_l.dtype)
 
     @staticmethod
-    def stack_bank(parts: list["IA3Part"]) -> dict:
+    def stack_bank(parts: list[IA3Part]) -> dict:
         return {"scale": torch.stack([p.ia3_l.flatten() for p in parts])}
 
     def _weight_scale(self) -> torch.Tensor:
@@ -84,6 +96,10 @@ def _nonzero(t: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 
 def _fill_defaults(model: nn.Module, config: IA3Config) -> IA3Config:
+    if config.placement == "adapterhub":
+        if config.targets is None and config.feedforward is None:
+            config = config.replace(feedforward=[])
+        return with_preset_targets(model, config, "ia3_adapterhub")
     if config.targets is None and config.feedforward is None:
         config = config.replace(feedforward=list(preset(model, "ia3_feedforward") or []))
     return with_preset_targets(model, config, "ia3")
