@@ -250,3 +250,26 @@ def test_torch_segment_strategy_matches_gather_strategy(L, with_out, monkeypatch
     assert torch.allclose(results[True], results[False], atol=1e-4)
     loop = torch.stack([scale[s] * x[i] @ A[s].T @ B[s].T for i, s in enumerate(slot.tolist())])
     assert torch.allclose(results[True], loop + (out if with_out else 0), atol=1e-4)
+
+
+def test_segment_host_work_runs_once_per_call_not_once_per_site(monkeypatch):
+    """Sites of one structure share their row plan's slot tensor, so the sort and count
+    of the segment path (unique / argsort / bincount) run once per call."""
+    import polyadapter as pa
+    from conftest import make_model
+    pm = pa.AdapterModel(make_model("llama"))
+    for name in ("a", "b", "c"):
+        pm.add_adapter(name, pa.LoraConfig(r=4, targets=["all-linear"]), activate=False)
+    sites = len(pm.record("a").sites)
+    ids = torch.randint(0, 100, (6, 1))  # one token per row: the segment path
+    calls = []
+    real = torch.unique
+    monkeypatch.setattr(torch, "unique", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        mixed = pm(input_ids=ids, adapter_names=["a", "b", "c", "a", None, "b"]).logits
+    assert sites == 14 and 1 <= len(calls) <= 2, len(calls)  # one per distinct slot tensor, not 14
+    monkeypatch.setattr(torch, "unique", real)
+    with torch.no_grad():
+        for i, setup in enumerate(["a", "b", "c", "a", None, "b"]):
+            pm.set_active(setup)
+            assert torch.allclose(mixed[i:i + 1], pm(input_ids=ids[i:i + 1]).logits, atol=1e-5)

@@ -58,14 +58,30 @@ def _segments_pay(x, A, B, slot, out) -> bool:
     return x.shape[1] <= 4  # measured (bench/mixed_batch.py): long rows run faster on the gather path
 
 
+def segment_plan(slot: torch.Tensor, banks: int, L: int) -> tuple:
+    """(used slots or None, slots to use, row order, group offsets, token order) for rows
+    of ``L`` tokens choosing among ``banks`` slots. Host-side work (unique, argsort,
+    bincount) done once per row-slot tensor and reused by every site that shares it: a
+    mixed batch's row plan hands the same ``slot`` tensor to all sites of one structure,
+    so this runs once per call rather than once per site."""
+    plans = slot.__dict__.setdefault("_polyadapter_segments", {})
+    key = (banks, L, slot._version)
+    if key not in plans:
+        used, slot_used = torch.unique(slot, return_inverse=True)
+        compact = used.numel() * 2 <= banks  # grouped_mm runs one matmul per group, empty ones too
+        s = slot_used if compact else slot
+        order = torch.argsort(s, stable=True)
+        offs = (torch.bincount(s, minlength=used.numel() if compact else banks).cumsum(0) * L).to(torch.int32)
+        tokens = order if L == 1 else (order[:, None] * L + torch.arange(L, device=slot.device)).flatten()
+        plans[key] = (used if compact else None, s, order, offs, tokens)
+    return plans[key]
+
+
 def _lora_segments(x, A, B, slot, scale, out):
     n, L, _ = x.shape
-    used, slot_used = torch.unique(slot, return_inverse=True)
-    if used.numel() * 2 <= A.shape[0]:  # grouped_mm runs one matmul per group, empty ones too
-        A, B, scale, slot = A.index_select(0, used), B.index_select(0, used), scale.index_select(0, used), slot_used
-    order = torch.argsort(slot, stable=True)
-    offs = (torch.bincount(slot, minlength=A.shape[0]).cumsum(0) * L).to(torch.int32)
-    tokens = order if L == 1 else (order[:, None] * L + torch.arange(L, device=x.device)).flatten()
+    used, slot, order, offs, tokens = segment_plan(slot, A.shape[0], L)
+    if used is not None:
+        A, B, scale = A.index_select(0, used), B.index_select(0, used), scale.index_select(0, used)
     xs = x.reshape(n * L, -1).index_select(0, tokens)
     h = F.grouped_mm(xs, A.transpose(1, 2).to(x.dtype), offs=offs)                    # (n*L, r), sorted
     row_scale = scale.index_select(0, slot.index_select(0, order)).to(h.dtype)
