@@ -176,3 +176,31 @@ def test_merge_writes_a_model_folder_atomically_and_refuses_others(adapter, tmp_
     code, _ = run(["merge", adapter, "--out", precious, "--overwrite"])
     assert code == 2 and "refusing to replace it" in capsys.readouterr().err
     assert [p.name for p in precious.iterdir()] == ["x.txt"]
+
+
+def test_store_verbs_with_bad_numbers_names_and_places(adapter, tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "x.txt").write_text("keep")
+    store = str(tmp_path / "store")
+    assert run(["store", "init", store])[0] == 0
+    assert run(["store", "add", adapter, "--name", "a", "--store", store])[0] == 0
+    capsys.readouterr()
+    for argv in (["store", "search", "a", "--limit", "0", "--store", store],
+                 ["store", "search", "a", "--limit", "-5", "--store", store],
+                 ["store", "add", adapter, "--name", "../evil", "--store", store],
+                 ["store", "add", adapter, "--name", "training", "--store", store],
+                 ["store", "add", adapter, "--name", "ok", "--tag", "a/b", "--store", store],
+                 ["store", "show", "a@x/y", "--store", store],
+                 ["store", "export", "a", precious, "--overwrite", "--store", store],
+                 ["store", "export", "a", a_file / "sub", "--store", store],
+                 ["store", "init", a_file / "store"],
+                 ["store", "list", "--store", str(tmp_path / "missing")],
+                 ["store", "rm", "nope", "--store", store]):
+        code, _ = run(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, (argv, err)
+    assert [p.name for p in precious.iterdir()] == ["x.txt"] and a_file.read_text() == "keep"
+    assert not (tmp_path / "evil").exists()

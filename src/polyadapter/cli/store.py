@@ -9,7 +9,7 @@ import argparse
 import json
 import time
 
-from .common import adapter_folder, human_bytes
+from .common import adapter_folder, count, human_bytes
 
 
 def _open(args):
@@ -225,7 +225,7 @@ def add_parsers(sub) -> None:
 
     p = verb("search", cmd_search, "full-text search over names, tags, descriptions and provenance")
     p.add_argument("text", nargs="+", metavar="TEXT")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=count(1, 1_000_000), default=100, help="most results (default: %(default)s)")
     p.add_argument("--json", action="store_true")
 
     p = verb("export", cmd_export, "write a stored version as an adapter folder")
