@@ -135,7 +135,7 @@ def is_store_ref(text) -> bool:
     return check(str(text))
 
 
-def check_store_out(out: str, store_dir: str | None, verb: str) -> None:
+def check_store_out(out: str, store_dir: str | None) -> None:
     """For ``--out store:NAME``: the name is valid, no version is asked for (the store
     numbers them) and the store exists — all before anything is trained or loaded."""
     from ..store import Store, parse_ref

@@ -71,7 +71,7 @@ def _check_out(args, kind: str = "adapter") -> None:
     if is_store_ref(args.out):
         if kind != "adapter":
             raise CLIError(f"--out {args.out}: this verb writes a {kind} folder, not an adapter; give a folder")
-        check_store_out(args.out, args.store, args.command)
+        check_store_out(args.out, args.store)
         return
     from ..formats.folders import check_destination
     check_destination(Path(args.out), args.overwrite, kind=kind)

@@ -59,7 +59,7 @@ def run_training(*, model: str, data_spec: str, config: dict, out, epochs: int, 
     check_name(name, "--name")
     to_store = is_store_ref(out)
     if to_store:
-        check_store_out(str(out), store, "train")
+        check_store_out(str(out), store)
         target = str(out)
     else:
         out = Path(out)

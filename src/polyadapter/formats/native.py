@@ -103,6 +103,13 @@ def read_meta(path: Path) -> dict:
 
 def check_meta(meta: dict, file: str) -> dict:
     """``meta`` (a ``polyadapter.json`` content, from ``file``) if every field is valid."""
+    meta_config(meta, file)
+    return meta
+
+
+def meta_config(meta: dict, file: str):
+    """The method config of ``meta`` once every field of ``meta`` is checked (the one
+    check every read of a native adapter goes through)."""
     if not isinstance(meta, dict):
         raise LoadError(f"{file}: expected a JSON object, found {type(meta).__name__}")
     if meta.get("format") != FORMAT:
@@ -113,10 +120,9 @@ def check_meta(meta: dict, file: str) -> dict:
                         f"polyadapter ({__version__}) reads; upgrade polyadapter")
     check_file(NativeMeta, meta, str(file))
     try:
-        config_from_dict(meta["config"], where=f"{file}: config")
+        return config_from_dict(meta["config"], where=f"{file}: config")
     except ConfigError as e:
         raise LoadError(str(e)) from None
-    return meta
 
 
 def weights_file(path: Path, meta: dict) -> Path:
@@ -140,20 +146,24 @@ def read_weights(path: Path, meta: dict) -> tuple[Path, dict[str, torch.Tensor]]
 
 def load(model, path: Path, name: str | None = None):
     """Load the native folder ``path`` into ``model`` as a new adapter."""
-    meta = read_meta(path)
-    file, tensors = read_weights(path, meta)
-    return load_from(model, meta, tensors, where=str(path), weights_where=str(file), name=name)
+    file = path / CONFIG_FILE
+    meta = read_json(file)
+    config = meta_config(meta, str(file))  # checked before the weights are read
+    weights, tensors = read_weights(path, meta)
+    return _install(model, meta, config, tensors, str(path), str(weights), name)
 
 
 def load_from(model, meta: dict, tensors: dict[str, torch.Tensor], where: str, weights_where: str | None = None,
               name: str | None = None):
     """Install an adapter from a native folder's parts already in memory: ``meta`` (the
-    ``polyadapter.json`` content, checked by :func:`read_meta`) and ``tensors`` (its
-    unpacked weights). Used by folder loads and by the adapter store. Everything is
-    checked before the model changes; ``where`` names the source in errors."""
-    weights_where = weights_where or where
-    check_meta(meta, where)
-    config = config_from_dict(meta.get("config"), where=f"{where}: config")
+    ``polyadapter.json`` content) and ``tensors`` (its unpacked weights). Used by the
+    adapter store. Everything is checked before the model changes; ``where`` names the
+    source in errors."""
+    return _install(model, meta, meta_config(meta, where), tensors, where, weights_where or where, name)
+
+
+def _install(model, meta: dict, config, tensors: dict[str, torch.Tensor], where: str, weights_where: str,
+             name: str | None):
     name = name or meta.get("name")
     try:
         plan = model.plan_adapter(name, config)
