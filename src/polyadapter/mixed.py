@@ -66,6 +66,88 @@ class Bucket:
         return self.bank
 
 
+def _bank_tensors(part) -> list[torch.Tensor]:
+    return list(part.parameters()) + list(part.buffers()) + list(getattr(part, "extra_bank_tensors", list)())
+
+
+@dataclass
+class SlotBank:
+    """A bucket whose bank has fixed slots (the serving engine's device slots): the
+    bank is preallocated for ``capacity`` adapters on first use, an adapter keeps its
+    slot for as long as it is installed, and installing one writes only its own slot
+    (nothing is restacked over the other adapters). A full bank doubles. Used when
+    ``state.bank_slots`` is set; slots left by removed adapters are reused."""
+
+    key: tuple
+    owner: type
+    capacity: int
+    names: list = field(default_factory=list)     # slot -> adapter name or None (free)
+    bank: dict | None = None
+    _held: list = field(default_factory=list)     # slot -> (part, its tensors, their versions) or None
+
+    def __post_init__(self):
+        self.names = [None] * self.capacity
+        self._held = [None] * self.capacity
+
+    def slot_of(self, name: str) -> int:
+        if name in self.names:
+            return self.names.index(name)
+        if None not in self.names:
+            self._grow()
+        slot = self.names.index(None)
+        self.names[slot] = name
+        return slot
+
+    def keep_only(self, present: set) -> None:
+        for slot, name in enumerate(self.names):
+            if name is not None and name not in present:
+                self.names[slot], self._held[slot] = None, None
+
+    def _grow(self) -> None:
+        old = self.capacity
+        self.capacity *= 2
+        self.names += [None] * old
+        self._held += [None] * old
+        self.bank = None  # reallocated (and every slot rewritten) on the next get
+
+    def get(self, site) -> dict:
+        occupied = [(s, site.adapters[n]) for s, n in enumerate(self.names) if n is not None]
+        if torch.is_grad_enabled() and any(t.requires_grad for _, p in occupied for t in p.parameters()):
+            fill = occupied[0][1]
+            return self.owner.stack_bank([site.adapters[n] if n is not None else fill for n in self.names])
+        with torch.no_grad():
+            stale = []
+            for slot, part in occupied:
+                held = self._held[slot]
+                if held is None or held[0] is not part:
+                    held = (part, _bank_tensors(part), None)
+                versions = tuple(map(_VERSION, held[1]))
+                if versions != held[2]:
+                    stale.append((slot, part))
+                self._held[slot] = (part, held[1], versions)
+            if self.bank is not None and all(self._write(slot, part) for slot, part in stale):
+                return self.bank
+            if self.bank is None or stale:  # first use, or an entry not laid out slot by slot
+                fill = occupied[0][1]
+                self.bank = self.owner.stack_bank([site.adapters[n] if n is not None else fill for n in self.names])
+        return self.bank
+
+    def _write(self, slot: int, part) -> bool:
+        """Write ``part`` into its slot; False if some bank entry is not laid out slot by
+        slot (the caller restacks then: correct, just not O(1))."""
+        one = self.owner.stack_bank([part])
+        for k, v in one.items():
+            full = self.bank.get(k)
+            if not isinstance(v, torch.Tensor) or full is v:
+                continue  # shared entries (the base weight, flags) are the same for every slot
+            n = v.shape[0] if v.dim() else 0
+            if not (isinstance(full, torch.Tensor) and n and full.shape[0] == self.capacity * n
+                    and full.shape[1:] == v.shape[1:]):
+                return False
+            full[slot * n:(slot + 1) * n].copy_(v)
+        return True
+
+
 # Layout structure -> id, shared by sites of the same structure. Ids are never reused
 # (a counter), so bounding the table (oldest out) only costs a recomputation, never a
 # wrong match; a server that adds and removes adapters for weeks stays bounded.
@@ -90,6 +172,11 @@ class Layout:
     @classmethod
     def build(cls, site, key) -> Layout:
         roles, slots, buckets, index = {}, {}, [], {}
+        pooled = getattr(site.state, "bank_slots", None)
+        if pooled:
+            site.__dict__.setdefault("_slot_banks", {})
+            for bank in site.__dict__["_slot_banks"].values():  # slots of adapters gone from the site
+                bank.keep_only({n for n in site.adapters if n not in site.merged})
         for name, part in site.adapters.items():
             if name in site.merged:
                 continue
@@ -101,20 +188,31 @@ class Layout:
                 bkey = part.bucket_key()
                 if bkey not in index:
                     index[bkey] = len(buckets)
-                    buckets.append(Bucket(bkey, [], type(part), []))
+                    buckets.append(cls._slot_bank(site, bkey, type(part)) if pooled
+                                   else Bucket(bkey, [], type(part), []))
                 bucket = buckets[index[bkey]]
-                slots[name] = len(bucket.names)
-                bucket.names.append(name)
-                bucket.tensors.extend(list(part.parameters()) + list(part.buffers()))
-                bucket.tensors.extend(getattr(part, "extra_bank_tensors", list)())  # e.g. DoRA: the base weight
+                if pooled:
+                    slots[name] = bucket.slot_of(name)
+                else:
+                    slots[name] = len(bucket.names)
+                    bucket.names.append(name)
+                    bucket.tensors.extend(_bank_tensors(part))  # DoRA's extra: the base weight
                 roles[name] = (part.row_role, index[bkey])
-        signature = tuple((n, r, slots.get(n)) for n, r in roles.items())
+        signature = tuple((n, r, slots.get(n)) for n, r in roles.items()) + (bool(pooled),)
         layout_id = _LAYOUT_IDS.get(signature)
         if layout_id is None:
             layout_id = _LAYOUT_IDS[signature] = next(_LAYOUT_COUNTER)
             if len(_LAYOUT_IDS) > _LAYOUT_IDS_MAX:
                 _LAYOUT_IDS.popitem(last=False)
         return cls(key, roles, slots, buckets, layout_id)
+
+
+    @staticmethod
+    def _slot_bank(site, bkey, owner) -> SlotBank:
+        banks = site.__dict__["_slot_banks"]
+        if bkey not in banks:
+            banks[bkey] = SlotBank(bkey, owner, int(site.state.bank_slots))
+        return banks[bkey]
 
 
 @dataclass

@@ -55,7 +55,10 @@ class Site(nn.Module):
     def layout(self):
         """This site's adapters grouped into banks (see :class:`polyadapter.mixed.Layout`),
         rebuilt only when adapters are added, removed, merged or unmerged here."""
-        key = (tuple(self.adapters), tuple(self.merged))
+        # The parts themselves, not just their names: an adapter removed and added again
+        # under the same name must not keep the old one's bank (the key holds the parts,
+        # so their ids cannot be reused while it is cached).
+        key = (tuple(self.adapters.items()), tuple(self.merged))
         cached = self._layout
         if cached is None or cached.key != key:
             cached = Layout.build(self, key)

@@ -27,3 +27,4 @@ class AdapterState:
     base_fingerprint: dict = field(default_factory=dict)
     rows: object = None                 # the last call's RowPlan for a mixed batch, else None
     merged: set = field(default_factory=set)  # names of adapters merged into the base
+    bank_slots: int | None = None       # set by the serving engine: banks with fixed slots (mixed.SlotBank)

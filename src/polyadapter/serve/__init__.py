@@ -1,5 +1,13 @@
-"""Serving many adapters over one base model. So far: per-request sampling
-(``sampling.py``); the engine, scheduler, KV cache and adapter pool come next."""
+"""Serving many adapters over one base model: the engine (continuous batching with a
+paged KV cache and an adapter pool), its scheduler, step plan and sampler.
+
+    from polyadapter.serve import Engine, SamplingParams
+    engine = Engine(pm, tokenizer)
+    handle = engine.submit("Hello", "my-adapter", SamplingParams(max_tokens=32))
+"""
+from .engine import Engine, Handle, RequestOutput, TokenEvent
+from .pool import AdapterPool, Merge
 from .sampling import RowStream, SamplingParams, find_stop, sample
 
-__all__ = ["SamplingParams", "RowStream", "sample", "find_stop"]
+__all__ = ["Engine", "Handle", "RequestOutput", "TokenEvent", "AdapterPool", "Merge",
+           "SamplingParams", "RowStream", "sample", "find_stop"]

@@ -28,7 +28,8 @@ class SamplingParams:
     """``temperature`` 0 is greedy. ``top_k`` 0 and ``top_p`` 1 turn those filters off.
     ``seed``: a private random stream for this request (None: the engine's shared one).
     ``stop_token_ids`` end the request when generated (the token is kept); ``stop``
-    strings end it where they first appear in the text (the string is cut off)."""
+    strings end it where they first appear in the text (the string is cut off).
+    ``ignore_eos`` keeps generating past the end-of-sequence token (benchmarks)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -38,6 +39,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()
     logprobs: bool = False
+    ignore_eos: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
@@ -55,6 +57,7 @@ class SamplingParams:
         _require(all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= 16, "stop", self.stop,
                  "up to 16 non-empty strings")
         _require(isinstance(self.logprobs, bool), "logprobs", self.logprobs, "true or false")
+        _require(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "true or false")
 
     @property
     def greedy(self) -> bool:
