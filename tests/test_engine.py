@@ -298,3 +298,43 @@ def test_bad_requests_are_refused_with_the_reason():
         with pytest.raises(ConfigError, match="text prompt needs"):
             engine.submit("hello", None)
     assert not threading.current_thread().name.startswith("polyadapter")
+
+
+def test_adapters_from_the_store_and_a_thousand_registered(tmp_path):
+    from polyadapter.store import Store
+    src = zoo("llama")
+    folders = _saved_library(src, tmp_path, ["l8", "bn"])
+    store = Store.init(tmp_path / "store")
+    for n, path in folders.items():
+        store.add(path, f"s-{n}")
+    base = make_model("llama")
+    base.generation_config.eos_token_id = None
+    pm = pa.AdapterModel(base)
+    with Engine(pm, start=False, store=store, device_slots=2, kv_cache_tokens=1024) as engine:
+        for i in range(1000):
+            engine.register_adapter(f"n{i}", f"store:s-{('l8', 'bn')[i % 2]}")
+        assert engine.pool.stats.loads == 0 and pm.adapters == []
+        names = ["n0", "n1", "n2", "n0", "n3"]
+        prompts = _prompts(len(names), seed=9)
+        got = engine.generate(prompts, names, GREEDY)
+        assert engine.pool.stats.loads == 4  # n0 once; the rest on first use
+        with pytest.raises(pa.errors.AdapterNameError, match="already registered"):
+            engine.register_adapter("n5", "store:s-l8")
+    want = [reference(src, p, ("l8", "bn")[int(n[1:]) % 2], 6) for p, n in zip(prompts, names)]
+    assert [g.token_ids for g in got] == want
+
+
+def test_an_unreadable_adapter_fails_its_requests_only(tmp_path):
+    src = zoo("llama")
+    folders = _saved_library(src, tmp_path, ["l8"])
+    weights = [p for p in folders["l8"].iterdir() if p.suffix == ".safetensors"]
+    weights[0].write_bytes(b"\x00" * 16)
+    base = make_model("llama")
+    base.generation_config.eos_token_id = None
+    pm = pa.AdapterModel(base)
+    with Engine(pm, start=False, kv_cache_tokens=1024) as engine:
+        engine.register_adapter("broken", folders["l8"])
+        bad, good = engine.generate([[3, 4], [3, 4]], ["broken", None], GREEDY)
+    assert bad.finish_reason == "error" and "broken" in bad.error
+    assert good.token_ids == reference(src, [3, 4], None, 6)
+    assert pm.adapters == []

@@ -84,12 +84,14 @@ class SlotBank:
     names: list = field(default_factory=list)     # slot -> adapter name or None (free)
     bank: dict | None = None
     _held: list = field(default_factory=list)     # slot -> (part, its tensors, their versions) or None
+    _checked: object = None                       # the engine step whose slots were last checked
 
     def __post_init__(self):
         self.names = [None] * self.capacity
         self._held = [None] * self.capacity
 
     def slot_of(self, name: str) -> int:
+        self._checked = None
         if name in self.names:
             return self.names.index(name)
         if None not in self.names:
@@ -99,6 +101,7 @@ class SlotBank:
         return slot
 
     def keep_only(self, present: set) -> None:
+        self._checked = None
         for slot, name in enumerate(self.names):
             if name is not None and name not in present:
                 self.names[slot], self._held[slot] = None, None
@@ -111,6 +114,12 @@ class SlotBank:
         self.bank = None  # reallocated (and every slot rewritten) on the next get
 
     def get(self, site) -> dict:
+        # The serving engine sets ``state.bank_epoch`` to a count that moves whenever any
+        # adapter tensor changes in place (the sum of their version counters), so while it
+        # stands still the slots need no check; installs and removals reset ``_checked``.
+        epoch = site.state.bank_epoch
+        if epoch is not None and epoch == self._checked and self.bank is not None:
+            return self.bank
         occupied = [(s, site.adapters[n]) for s, n in enumerate(self.names) if n is not None]
         if torch.is_grad_enabled() and any(t.requires_grad for _, p in occupied for t in p.parameters()):
             fill = occupied[0][1]
@@ -125,11 +134,11 @@ class SlotBank:
                 if versions != held[2]:
                     stale.append((slot, part))
                 self._held[slot] = (part, held[1], versions)
-            if self.bank is not None and all(self._write(slot, part) for slot, part in stale):
-                return self.bank
-            if self.bank is None or stale:  # first use, or an entry not laid out slot by slot
+            if self.bank is None or not all(self._write(slot, part) for slot, part in stale):
+                # first use, or an entry not laid out slot by slot: restack
                 fill = occupied[0][1]
                 self.bank = self.owner.stack_bank([site.adapters[n] if n is not None else fill for n in self.names])
+        self._checked = epoch
         return self.bank
 
     def _write(self, slot: int, part) -> bool:

@@ -68,25 +68,42 @@ def segment_plan(slot: torch.Tensor, banks: int, L: int) -> tuple:
     key = (banks, L, slot._version)
     if key not in plans:
         used, slot_used = torch.unique(slot, return_inverse=True)
-        compact = used.numel() * 2 <= banks  # grouped_mm runs one matmul per group, empty ones too
-        s = slot_used if compact else slot
+        lo, hi = int(used[0]), int(used[-1]) + 1
+        if hi - lo <= 2 * used.numel():  # a slice of the bank (a view: no copy) with few empty groups
+            pick, s, groups = slice(lo, hi), slot - lo, hi - lo
+        elif used.numel() * 2 <= banks:  # grouped_mm runs one matmul per group, empty ones too
+            pick, s, groups = used, slot_used, used.numel()
+        else:
+            pick, s, groups = None, slot, banks
         order = torch.argsort(s, stable=True)
-        offs = (torch.bincount(s, minlength=used.numel() if compact else banks).cumsum(0) * L).to(torch.int32)
-        tokens = order if L == 1 else (order[:, None] * L + torch.arange(L, device=slot.device)).flatten()
-        plans[key] = (used if compact else None, s, order, offs, tokens)
+        offs = (torch.bincount(s, minlength=groups).cumsum(0) * L).to(torch.int32)
+        if bool((s[1:] >= s[:-1]).all()):  # rows already in slot order: no gather, no scatter
+            order = tokens = None
+        else:
+            tokens = order if L == 1 else (order[:, None] * L + torch.arange(L, device=slot.device)).flatten()
+        plans[key] = (pick, s, order, offs, tokens)
     return plans[key]
 
 
 def _lora_segments(x, A, B, slot, scale, out):
     n, L, _ = x.shape
-    used, slot, order, offs, tokens = segment_plan(slot, A.shape[0], L)
-    if used is not None:
-        A, B, scale = A.index_select(0, used), B.index_select(0, used), scale.index_select(0, used)
-    xs = x.reshape(n * L, -1).index_select(0, tokens)
+    pick, slot, order, offs, tokens = segment_plan(slot, A.shape[0], L)
+    if isinstance(pick, slice):
+        A, B, scale = A[pick], B[pick], scale[pick]
+    elif pick is not None:
+        A, B, scale = A.index_select(0, pick), B.index_select(0, pick), scale.index_select(0, pick)
+    xs = x.reshape(n * L, -1)
+    if tokens is not None:
+        xs = xs.index_select(0, tokens)
     h = F.grouped_mm(xs, A.transpose(1, 2).to(x.dtype), offs=offs)                    # (n*L, r), sorted
-    row_scale = scale.index_select(0, slot.index_select(0, order)).to(h.dtype)
+    row_scale = scale.index_select(0, slot if order is None else slot.index_select(0, order)).to(h.dtype)
     h = h * (row_scale if L == 1 else row_scale.repeat_interleave(L))[:, None]
     d = F.grouped_mm(h, B.transpose(1, 2).to(h.dtype), offs=offs)                     # (n*L, out), sorted
+    if tokens is None:
+        d = d.view(n, L, -1)
+        if out is None:
+            return d
+        return out + d.to(out.dtype) if torch.is_grad_enabled() else out.add_(d.to(out.dtype))
     if out is None:
         return torch.empty_like(d).index_copy_(0, tokens, d).view(n, L, -1)
     flat = out.view(n * L, -1)

@@ -221,7 +221,8 @@ class Engine:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.steps = 0
         self.step_times: list[tuple[int, int, float]] = []   # (tokens, decode requests, seconds)
-        self.last_step_adapters: list[int] = []              # distinct adapters per step
+        self.step_adapters: list[frozenset] = []             # adapters each step ran (bytes-bound ratio)
+        self._epoch_key, self._epoch_tensors = None, []
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._closed = False
@@ -343,7 +344,7 @@ class Engine:
         self.steps += 1
         self.step_times.append((plan.num_tokens, sum(1 for w in work if w.count == 1 and w.start > 0),
                                 time.perf_counter() - started))
-        self.last_step_adapters.append(len({n for w in work for n in w.request.names}))
+        self.step_adapters.append(frozenset(n for w in work for n in w.request.names))
         return True
 
     def _drain_inbox(self) -> None:
@@ -371,7 +372,8 @@ class Engine:
                 r.handle._finish("error", bad[0])
 
     def _ready(self, r: Request) -> bool:
-        if not self.pool.acquire(sorted(r.names, key=self.pool.closure(r.names).index)):
+        first, r.tried = not r.tried, True
+        if not self.pool.acquire(self.pool.closure(r.names), first=first):
             return False
         if r.row_setup is None and r.setup is not None:
             try:
@@ -397,17 +399,27 @@ class Engine:
                                                          plan.prompt_embeds[:, None, :].to(out.dtype))))
         saved = model.config._attn_implementation
         model.config._attn_implementation = kv_cache.ATTENTION
-        state.rows = plan.rows
+        state.rows, state.bank_epoch = plan.rows, self._adapter_epoch()
         try:
             with torch.no_grad(), active_step(plan.attention):
                 out = model(input_ids=plan.input_ids, position_ids=plan.position_ids, use_cache=False)
         finally:
             model.config._attn_implementation = saved
-            state.rows = None
+            state.rows, state.bank_epoch = None, None
             for h in hooks:
                 h.remove()
         logits = out.logits if hasattr(out, "logits") else out[0]
         return logits[:, -1, :]
+
+    def _adapter_epoch(self) -> int:
+        """A number that changes whenever an adapter tensor changes in place: the sum of
+        their version counters (which only grow). Lets the banks skip per-site checks."""
+        key = tuple(self.pm.state.adapters), self.pool.stats.installs, self.pool.stats.evictions
+        if self._epoch_key != key:
+            self._epoch_key = key
+            self._epoch_tensors = [t for n in self.pm.adapters for part in self.pm.parts(n).values()
+                                   for t in list(part.parameters()) + list(part.buffers())]
+        return sum(t._version for t in self._epoch_tensors)
 
     def _logit_rows(self, plan: StepPlan, args: tuple):
         """Before the output layer: only the rows that draw a token go through it."""

@@ -134,6 +134,8 @@ class AdapterPool:
         self.stats = PoolStats()
         self._loading: dict[str, Future] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()
+        self._opened: list = []
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="polyadapter-pool")
         self._saved_bank_slots = pm.state.bank_slots
         pm.state.bank_slots = pm.state.bank_slots or device_slots + len(self.resident)
@@ -217,17 +219,15 @@ class AdapterPool:
                 self.wanted.setdefault(n, None)
                 self._start_read(n)
 
-    def acquire(self, names: list[str]) -> bool:
-        """Pin ``names`` if all are on the device; else queue what is missing and say no."""
+    def acquire(self, names: list[str], first: bool = True) -> bool:
+        """Pin ``names`` if all are on the device; else queue what is missing and say no.
+        ``first``: the request's first try (counted as a pool hit or miss)."""
         missing = [n for n in names if not self.on_device(n)]
-        for n in names:
-            if n in self.failed:
-                raise LoadError(self.failed[n])
         if missing:
-            self.stats.misses += 1
+            self.stats.misses += first
             self.prefetch(missing)
             return False
-        self.stats.hits += 1
+        self.stats.hits += first
         for n in names:
             self.pins[n] += 1
             if n in self.device:
@@ -352,7 +352,7 @@ class AdapterPool:
         started = time.perf_counter()
         if source.kind == "store":
             from ..formats.native import meta_config
-            version, meta, tensors = self.store.read(source.ref)
+            version, meta, tensors = self._reader_store().read(source.ref)
             where = f"store adapter {version.ref}"
             parts = Parts(meta_config(meta, where), list(meta.get("sites", [])), tensors,
                           dict(meta.get("provenance", {})), where)
@@ -364,8 +364,19 @@ class AdapterPool:
         self.stats.load_ms.append((time.perf_counter() - started) * 1e3)
         return parts
 
+    def _reader_store(self):
+        """The reader thread's own connection to the store (SQLite connections stay in
+        the thread that opened them)."""
+        store = getattr(self._local, "store", None)
+        if store is None:
+            from ..store import Store
+            store = self._local.store = Store(self.store.path)
+            self._opened.append(store)
+        return store
+
     def close(self) -> None:
-        self._reader.shutdown(wait=True, cancel_futures=True)
+        self._reader.submit(lambda: [store.close() for store in self._opened])  # in the thread that opened them
+        self._reader.shutdown(wait=True, cancel_futures=False)
         self.pm.state.bank_slots = self._saved_bank_slots
 
 

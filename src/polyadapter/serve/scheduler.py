@@ -51,6 +51,7 @@ class Request:
     first_token_at: float | None = None
     finished_at: float | None = None
     admitted: int = -1            # admission order (preemption picks the latest)
+    tried: bool = False           # asked the pool for its adapters at least once
     handle: object = None
 
     def __post_init__(self):
