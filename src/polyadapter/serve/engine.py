@@ -218,6 +218,7 @@ class Engine:
         self.allocator = BlockAllocator(self.num_blocks, block_size)
         self.scheduler = Scheduler(self.allocator, max_num_seqs, max_num_batched_tokens, chunk_size)
         self.scheduler.on_release = lambda r: self.pool.release(r.names)
+        self.pool.on_loaded = lambda: self._wake.set()
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.steps = 0
         self.step_times: list[tuple[int, int, float]] = []   # (tokens, decode requests, seconds)
@@ -333,8 +334,8 @@ class Engine:
         if not self.scheduler.has_work():
             return False
         work = self.scheduler.schedule(self._ready)
-        if not work:
-            return bool(self.pool.wanted or self.pool._loading)
+        if not work:  # waiting on adapter reads: the pool wakes the loop when one finishes
+            return False
         started = time.perf_counter()
         plan = build(work, self.kv, self.block_size, self.device)
         logits = self._forward(plan)

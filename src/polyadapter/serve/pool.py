@@ -135,6 +135,7 @@ class AdapterPool:
         self._loading: dict[str, Future] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
+        self.on_loaded = lambda: None   # the engine wakes its loop when a read finishes
         self._opened: list = []
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="polyadapter-pool")
         self._saved_bank_slots = pm.state.bank_slots
@@ -324,7 +325,8 @@ class AdapterPool:
         with self._lock:
             if name in self.host or name in self._loading:
                 return
-            self._loading[name] = self._reader.submit(self._read, source)
+            future = self._loading[name] = self._reader.submit(self._read, source)
+        future.add_done_callback(lambda _: self.on_loaded())
 
     def _take_read(self, name: str) -> Parts | None:
         with self._lock:
