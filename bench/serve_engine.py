@@ -135,7 +135,8 @@ def run_engine(pm, tok, requests, registered: int, device_slots: int, store, siz
         outs = [h.result(3600) for h in handles]
         wall = time.perf_counter() - start
         stats = engine.pool.stats
-        steps = engine.step_adapters[steps0:]
+        ran = engine.steps - steps0
+        steps = list(engine.step_adapters)[-ran:] if ran else []
         ratios = [base_bytes / (base_bytes + sum(sizes.get(n, sizes.get(shared, 0)) for n in s)) for s in steps]
         tokens = sum(o.completion_tokens for o in outs)
         tpot = [(o.latency_s - o.ttft_s) / (o.completion_tokens - 1) for o in outs if o.completion_tokens > 1]

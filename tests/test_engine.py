@@ -71,6 +71,15 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
             for _ in range(n)]
 
 
+def _drain(engine, handles, steps: int = 500) -> None:
+    """Step a thread-less engine until every handle is done (bounded)."""
+    for _ in range(steps):
+        if all(h.done for h in handles):
+            return
+        engine.step()
+    raise AssertionError(f"requests still running after {steps} steps")
+
+
 def reference(pm, prompt: list[int], setup, max_tokens: int) -> list[int]:
     """The request alone: ``pm.generate`` under ``set_active``, greedy."""
     saved = pm.state.setup
@@ -123,10 +132,7 @@ def test_staggered_arrivals_and_chunked_prefill():
             engine.step()
             if i % 2:
                 engine.step()
-        for _ in range(500):
-            if all(h.done for h in handles):
-                break
-            engine.step()
+        _drain(engine, handles)
         assert [h.result(0).token_ids for h in handles] == want
 
 
@@ -241,10 +247,7 @@ def test_loads_while_requests_run_never_mix_weights(tmp_path):
             handles.append(engine.submit(p, n, params))
             for _ in range(3):
                 engine.step()
-        for _ in range(500):
-            if all(h.done for h in handles):
-                break
-            engine.step()
+        _drain(engine, handles)
     assert [h.result(0).token_ids for h in handles] == want
 
 
@@ -338,3 +341,26 @@ def test_an_unreadable_adapter_fails_its_requests_only(tmp_path):
     assert bad.finish_reason == "error" and "broken" in bad.error
     assert good.token_ids == reference(src, [3, 4], None, 6)
     assert pm.adapters == []
+
+
+def test_unregister_refuses_what_is_in_use_and_frees_the_rest(tmp_path):
+    src = zoo("llama")
+    folders = _saved_library(src, tmp_path, ["l8", "la", "lb"])
+    pm = pa.AdapterModel(make_model("llama"))
+    with Engine(pm, start=False, kv_cache_tokens=1024) as engine:
+        for n, path in folders.items():
+            engine.register_adapter(n, path)
+        engine.register_adapter("mix", Merge(("la", "lb"), (0.5, 0.5)))
+        h = engine.submit([3, 4], "l8", SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+        for _ in range(3):
+            engine.step()
+        with pytest.raises(pa.errors.PolyAdapterError, match="in use by running requests"):
+            engine.pool.unregister("l8")
+        with pytest.raises(pa.errors.PolyAdapterError, match="used by"):
+            engine.pool.unregister("la")
+        h.cancel()
+        engine.step()
+        engine.pool.unregister("l8")
+        assert "l8" not in pm.adapters and "l8" not in engine.pool.sources
+        with pytest.raises(pa.errors.AdapterNameError, match="no adapter named 'l8'"):
+            engine.submit([3], "l8")

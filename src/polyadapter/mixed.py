@@ -84,7 +84,7 @@ class SlotBank:
     names: list = field(default_factory=list)     # slot -> adapter name or None (free)
     bank: dict | None = None
     _held: list = field(default_factory=list)     # slot -> (part, its tensors, their versions) or None
-    _checked: object = None                       # the engine step whose slots were last checked
+    _checked: object = None                       # the state.bank_epoch its slots were last checked at
 
     def __post_init__(self):
         self.names = [None] * self.capacity
@@ -122,8 +122,7 @@ class SlotBank:
             return self.bank
         occupied = [(s, site.adapters[n]) for s, n in enumerate(self.names) if n is not None]
         if torch.is_grad_enabled() and any(t.requires_grad for _, p in occupied for t in p.parameters()):
-            fill = occupied[0][1]
-            return self.owner.stack_bank([site.adapters[n] if n is not None else fill for n in self.names])
+            return self._stacked(site, occupied[0][1])  # differentiable, afresh
         with torch.no_grad():
             stale = []
             for slot, part in occupied:
@@ -135,11 +134,13 @@ class SlotBank:
                     stale.append((slot, part))
                 self._held[slot] = (part, held[1], versions)
             if self.bank is None or not all(self._write(slot, part) for slot, part in stale):
-                # first use, or an entry not laid out slot by slot: restack
-                fill = occupied[0][1]
-                self.bank = self.owner.stack_bank([site.adapters[n] if n is not None else fill for n in self.names])
+                self.bank = self._stacked(site, occupied[0][1])  # first use, or not laid out slot by slot
         self._checked = epoch
         return self.bank
+
+    def _stacked(self, site, fill) -> dict:
+        """The whole bank stacked from the parts, ``fill`` standing in for free slots."""
+        return self.owner.stack_bank([site.adapters[n] if n is not None else fill for n in self.names])
 
     def _write(self, slot: int, part) -> bool:
         """Write ``part`` into its slot; False if some bank entry is not laid out slot by
@@ -181,10 +182,10 @@ class Layout:
     @classmethod
     def build(cls, site, key) -> Layout:
         roles, slots, buckets, index = {}, {}, [], {}
-        pooled = getattr(site.state, "bank_slots", None)
-        if pooled:
-            site.__dict__.setdefault("_slot_banks", {})
-            for bank in site.__dict__["_slot_banks"].values():  # slots of adapters gone from the site
+        pooled = site.state.bank_slots
+        if pooled:  # the site keeps its slot banks across rebuilds; free the slots of adapters gone
+            banks = site.__dict__.setdefault("_slot_banks", {})
+            for bank in banks.values():
                 bank.keep_only({n for n in site.adapters if n not in site.merged})
         for name, part in site.adapters.items():
             if name in site.merged:
@@ -197,8 +198,9 @@ class Layout:
                 bkey = part.bucket_key()
                 if bkey not in index:
                     index[bkey] = len(buckets)
-                    buckets.append(cls._slot_bank(site, bkey, type(part)) if pooled
-                                   else Bucket(bkey, [], type(part), []))
+                    if pooled and bkey not in banks:
+                        banks[bkey] = SlotBank(bkey, type(part), int(pooled))
+                    buckets.append(banks[bkey] if pooled else Bucket(bkey, [], type(part), []))
                 bucket = buckets[index[bkey]]
                 if pooled:
                     slots[name] = bucket.slot_of(name)
@@ -214,14 +216,6 @@ class Layout:
             if len(_LAYOUT_IDS) > _LAYOUT_IDS_MAX:
                 _LAYOUT_IDS.popitem(last=False)
         return cls(key, roles, slots, buckets, layout_id)
-
-
-    @staticmethod
-    def _slot_bank(site, bkey, owner) -> SlotBank:
-        banks = site.__dict__["_slot_banks"]
-        if bkey not in banks:
-            banks[bkey] = SlotBank(bkey, owner, int(site.state.bank_slots))
-        return banks[bkey]
 
 
 @dataclass

@@ -28,4 +28,4 @@ class AdapterState:
     rows: object = None                 # the last call's RowPlan for a mixed batch, else None
     merged: set = field(default_factory=set)  # names of adapters merged into the base
     bank_slots: int | None = None       # set by the serving engine: banks with fixed slots (mixed.SlotBank)
-    bank_epoch: int | None = None       # the engine's step number while a step runs, else None
+    bank_epoch: int | None = None       # during an engine step: the adapters' version sum, else None

@@ -20,6 +20,8 @@ import asyncio
 import queue
 import threading
 import time
+from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -121,18 +123,20 @@ class Handle:
             loop.call_soon_threadsafe(ev.set)
 
     # -------------------------------------------------------------- caller side
+    def _since(self, i: int) -> tuple[list[TokenEvent], int, bool]:
+        """(the events after the first ``i`` worth yielding, the new count, done); under the lock."""
+        events = [e for e in self._events[i:] if e.token >= 0 or e.text]
+        return events, len(self._events), self.done
+
     def __iter__(self):
         i = 0
         while True:
             with self._cond:
                 while i >= len(self._events) and not self.done:
                     self._cond.wait(timeout=1.0)
-                events, done = self._events[i:], self.done
-            for e in events:
-                i += 1
-                if e.token >= 0 or e.text:
-                    yield e
-            if done and i >= len(self._events):
+                events, i, done = self._since(i)
+            yield from events
+            if done:  # read under the same lock as the events: nothing comes after
                 return
 
     async def __aiter__(self):
@@ -143,16 +147,13 @@ class Handle:
         try:
             while True:
                 with self._cond:
-                    events, done = self._events[i:], self.done
-                    ev.clear()
+                    events, i, done = self._since(i)
+                    ev.clear()  # an event after this snapshot sets it again
                 for e in events:
-                    i += 1
-                    if e.token >= 0 or e.text:
-                        yield e
-                if done and i >= len(self._events):
+                    yield e
+                if done:
                     return
-                if not events:
-                    await ev.wait()
+                await ev.wait()
         finally:
             with self._cond:
                 self._waiters.remove((loop, ev))
@@ -221,8 +222,7 @@ class Engine:
         self.pool.on_loaded = lambda: self._wake.set()
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.steps = 0
-        self.step_times: list[tuple[int, int, float]] = []   # (tokens, decode requests, seconds)
-        self.step_adapters: list[frozenset] = []             # adapters each step ran (bytes-bound ratio)
+        self.step_adapters: deque[frozenset] = deque(maxlen=100_000)  # adapters the recent steps ran
         self._epoch_key, self._epoch_tensors = None, []
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -258,8 +258,7 @@ class Engine:
         if len(outside) > self.pool.device_slots:
             raise ConfigError(f"setup {setup!r} needs {len(outside)} adapters on the device at once, more than "
                               f"device_slots={self.pool.device_slots}")
-        prefix = sum(getattr(self.pool.sources[n].config, "num_virtual_tokens", 0) for n in names
-                     if self.pool.sources[n].config.method == "prompt")
+        prefix = sum(self.pool.sources[n].virtual_tokens for n in names)
         total = prefix + len(ids) + params.max_tokens
         if self.max_model_len and total > self.max_model_len:
             raise ConfigError(f"request needs {total} positions ({prefix} virtual + {len(ids)} prompt + "
@@ -268,7 +267,7 @@ class Engine:
             raise ConfigError(f"request needs {total} tokens of KV cache but the engine holds "
                               f"{self.num_blocks * self.block_size}")
         r = Request(ids, setup, params, prefix=prefix, id=request_id)
-        r.names = frozenset(names)
+        r.names = tuple(names)
         r.stream = RowStream(params, self.generator, self.device)
         handle = r.handle = Handle(self, r, self.tokenizer)
         self._inbox.put(("submit", r))
@@ -301,9 +300,12 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
         self.pool.close()
+        self._end_all("cancelled")
+
+    def _end_all(self, reason: str, error: str | None = None) -> None:
         for r in list(self.scheduler.running) + list(self.scheduler.waiting):
             self.scheduler.finish(r)
-            r.handle._finish("cancelled")
+            r.handle._finish(reason, error)
 
     def __enter__(self):
         return self
@@ -318,9 +320,7 @@ class Engine:
                 busy = self.step()
             except BaseException as e:  # noqa: BLE001 - fail every request, keep the reason
                 self._error = e
-                for r in list(self.scheduler.running) + list(self.scheduler.waiting):
-                    self.scheduler.finish(r)
-                    r.handle._finish("error", f"{type(e).__name__}: {e}")
+                self._end_all("error", f"{type(e).__name__}: {e}")
                 return
             if not busy:
                 self._wake.wait(timeout=0.05)
@@ -336,15 +336,12 @@ class Engine:
         work = self.scheduler.schedule(self._ready)
         if not work:  # waiting on adapter reads: the pool wakes the loop when one finishes
             return False
-        started = time.perf_counter()
         plan = build(work, self.kv, self.block_size, self.device)
         logits = self._forward(plan)
         for w in work:
             w.request.computed = w.start + w.count
         self._sample(plan, logits)
         self.steps += 1
-        self.step_times.append((plan.num_tokens, sum(1 for w in work if w.count == 1 and w.start > 0),
-                                time.perf_counter() - started))
         self.step_adapters.append(frozenset(n for w in work for n in w.request.names))
         return True
 
@@ -356,7 +353,7 @@ class Engine:
                 return
             if kind == "submit":
                 self.scheduler.add(item)
-                self.pool.prefetch(self.pool.closure(item.names))
+                self.pool.prefetch(item.names)
             elif kind == "cancel":
                 r = item.request
                 if not r.finished:
@@ -374,7 +371,7 @@ class Engine:
 
     def _ready(self, r: Request) -> bool:
         first, r.tried = not r.tried, True
-        if not self.pool.acquire(self.pool.closure(r.names), first=first):
+        if not self.pool.acquire(r.names, first=first):
             return False
         if r.row_setup is None and r.setup is not None:
             try:
@@ -398,15 +395,10 @@ class Engine:
             hooks.append(model.get_input_embeddings().register_forward_hook(
                 lambda module, args, out: out.index_copy(0, plan.prompt_rows,
                                                          plan.prompt_embeds[:, None, :].to(out.dtype))))
-        saved = model.config._attn_implementation
-        model.config._attn_implementation = kv_cache.ATTENTION
-        state.rows, state.bank_epoch = plan.rows, self._adapter_epoch()
         try:
-            with torch.no_grad(), active_step(plan.attention):
+            with _paged_run(model, state, plan.attention, plan.rows, self._adapter_epoch()):
                 out = model(input_ids=plan.input_ids, position_ids=plan.position_ids, use_cache=False)
         finally:
-            model.config._attn_implementation = saved
-            state.rows, state.bank_epoch = None, None
             for h in hooks:
                 h.remove()
         logits = out.logits if hasattr(out, "logits") else out[0]
@@ -459,8 +451,8 @@ class Engine:
             ids = prompt.flatten().tolist()
         else:
             ids = list(prompt)
-        vocab = self.pm.model.get_input_embeddings().weight.shape[0] if hasattr(
-            self.pm.model.get_input_embeddings(), "weight") else None
+        weight = getattr(self.pm.model.get_input_embeddings(), "weight", None)
+        vocab = weight.shape[0] if isinstance(weight, torch.Tensor) else None
         if not ids or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
             raise ConfigError("the prompt must be non-empty text or a non-empty list of token ids (ints >= 0)")
         if vocab is not None and max(ids) >= vocab:
@@ -486,23 +478,30 @@ class Engine:
         probe = PagedKV(1, self.block_size, self.dtype, self.device)
         attention = AttentionPlan(probe, 1, torch.zeros(1, dtype=torch.long, device=self.device), None, None, None,
                                   [Prefill(0, 1, None, None)])
-        model, state = self.pm.model, self.pm.state
-        saved = model.config._attn_implementation
-        model.config._attn_implementation = kv_cache.ATTENTION
-        saved_rows, state.rows = state.rows, None
-        saved_setup = state.setup
-        state.setup = None
-        try:
-            with torch.no_grad(), active_step(attention):
-                model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device),
-                      position_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=False)
-        finally:
-            model.config._attn_implementation = saved
-            state.rows, state.setup = saved_rows, saved_setup
+        model = self.pm.model
+        with _paged_run(model, self.pm.state, attention, rows=None):  # the bare base
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device),
+                  position_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=False)
         if not probe.layers:
             raise ConfigError(f"{type(model).__name__} called no attention layer through transformers' attention "
                               f"interface, so the engine cannot page its KV cache")
         return max(1, probe.bytes_used() // self.block_size)
+
+
+@contextmanager
+def _paged_run(model, state, attention: AttentionPlan, rows, epoch: int | None = None):
+    """While the block runs, ``model``'s attention layers go through the paged cache
+    with ``attention``'s plan, and its sites read ``rows`` (None and no setup: the bare
+    base); everything is restored afterwards."""
+    saved = model.config._attn_implementation, state.rows, state.setup, state.bank_epoch
+    model.config._attn_implementation = kv_cache.ATTENTION
+    state.rows, state.setup, state.bank_epoch = rows, None, epoch
+    try:
+        with torch.no_grad(), active_step(attention):
+            yield
+    finally:
+        model.config._attn_implementation = saved[0]
+        state.rows, state.setup, state.bank_epoch = saved[1:]
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

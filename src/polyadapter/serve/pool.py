@@ -37,8 +37,7 @@ import torch
 from ..compose import depends_on
 from ..errors import AdapterNameError, ConfigError, LoadError, PolyAdapterError
 
-MERGE_METHODS = {"linear": "linear", "ties": "ties", "dare_linear": "dare_linear", "dare_ties": "dare_ties",
-                 "magnitude_prune": "magnitude_prune"}
+MERGE_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # ops.combine's names
 
 
 @dataclass(frozen=True)
@@ -95,14 +94,20 @@ class Parts:
 
 @dataclass
 class Source:
+    """A registered adapter: where it lives, and what the engine must know before its
+    weights are read (its method, the adapters it builds on, its virtual tokens)."""
+
     name: str
     kind: str          # resident | folder | store | merge
     ref: object        # a path, a store ref, a Merge, or None
-    config: object     # the method config (read at registration)
+    method: str
+    needs: list
+    virtual_tokens: int = 0   # prompt tuning: placeholder tokens in front of the prompt
 
-    @property
-    def needs(self) -> list[str]:
-        return list(self.ref.adapters) if self.kind == "merge" else depends_on(self.config)
+    @classmethod
+    def of_config(cls, name: str, kind: str, ref, config) -> Source:
+        tokens = config.num_virtual_tokens if config.method == "prompt" else 0
+        return cls(name, kind, ref, config.method, depends_on(config), tokens)
 
 
 @dataclass
@@ -124,7 +129,7 @@ class AdapterPool:
         self.resident = set(pm.adapters)            # installed before the engine: never evicted
         self.device_slots = device_slots
         self.host_bytes = host_bytes
-        self.sources: dict[str, Source] = {n: Source(n, "resident", None, pm.record(n).config)
+        self.sources: dict[str, Source] = {n: Source.of_config(n, "resident", None, pm.record(n).config)
                                            for n in self.resident}
         self.device: OrderedDict[str, None] = OrderedDict()   # evictable installed adapters, LRU first
         self.host: OrderedDict[str, Parts] = OrderedDict()
@@ -153,7 +158,8 @@ class AdapterPool:
             missing = [a for a in source.adapters if a not in self.sources]
             if missing:
                 raise AdapterNameError(f"merge {name!r}: unknown adapter(s) {missing}")
-            self.sources[name] = Source(name, "merge", source, self.sources[source.adapters[0]].config)
+            self.sources[name] = Source(name, "merge", source, self.sources[source.adapters[0]].method,
+                                        list(source.adapters))
             return
         text = str(source)
         if text.startswith("store:"):
@@ -162,10 +168,9 @@ class AdapterPool:
             version = self.store.resolve(text[len("store:"):])
             from ..methods import config_from_dict
             config = config_from_dict(version.config, where=f"store adapter {version.ref}")
-            self.sources[name] = Source(name, "store", text[len("store:"):], config)
+            self.sources[name] = Source.of_config(name, "store", text[len("store:"):], config)
             return
-        path = Path(text)
-        self.sources[name] = Source(name, "folder", path, _folder_config(path))
+        self.sources[name] = _folder_source(name, Path(text))
 
     def unregister(self, name: str) -> None:
         if name not in self.sources:
@@ -283,11 +288,8 @@ class AdapterPool:
             options["majority_sign"] = m.majority_sign
         if m.method.startswith("dare"):
             options["seed"] = 0
-        combine(self.pm, source.name, list(m.adapters), list(m.weights), MERGE_METHODS[m.method], **options)
-        record = self.pm.record(source.name)
-        tensors = {k: v.detach().to("cpu", copy=True) for k, v in self.pm.adapter_state_dict(source.name).items()}
-        self._keep(source.name, Parts(record.config, list(record.sites), tensors, dict(record.provenance),
-                                      f"merge {source.name}"))
+        combine(self.pm, source.name, list(m.adapters), list(m.weights), m.method, **options)
+        self._keep(source.name, self._installed_parts(source.name))
 
     def _evict_one(self, protect: set) -> bool:
         installed_needs = {d for n in list(self.device) + list(self.resident)
@@ -300,12 +302,16 @@ class AdapterPool:
 
     def _evict(self, name: str) -> None:
         if name not in self.host:  # keep its weights in host memory (a derived merge, say)
-            tensors = {k: v.detach().to("cpu", copy=True) for k, v in self.pm.adapter_state_dict(name).items()}
-            record = self.pm.record(name)
-            self._keep(name, Parts(record.config, list(record.sites), tensors, dict(record.provenance), name))
+            self._keep(name, self._installed_parts(name))
         self.pm.remove_adapter(name)
         del self.device[name]
         self.stats.evictions += 1
+
+    def _installed_parts(self, name: str) -> Parts:
+        """An installed adapter as host-tier parts (its tensors copied to the CPU)."""
+        record = self.pm.record(name)
+        tensors = {k: v.detach().to("cpu", copy=True) for k, v in self.pm.adapter_state_dict(name).items()}
+        return Parts(record.config, list(record.sites), tensors, dict(record.provenance), f"adapter {name}")
 
     def _keep(self, name: str, parts: Parts) -> None:
         with self._lock:
@@ -387,15 +393,22 @@ def _model_device(pm) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _folder_config(path: Path):
+def _folder_source(name: str, path: Path) -> Source:
+    """A folder's Source from its config file alone (the weights are read on first use)."""
     from ..formats import native, peft
+    from ..formats.files import read_json
     if not path.is_dir():
         raise LoadError(f"{path}: not an adapter folder")
     if native.is_native(path):
         meta = native.read_meta(path)
-        return native.meta_config(meta, str(path / native.CONFIG_FILE))
-    if (path / peft.CONFIG_FILE).is_file():
-        return peft.native_parts(path).config
+        return Source.of_config(name, "folder", path, native.meta_config(meta, str(path / native.CONFIG_FILE)))
+    file = path / peft.CONFIG_FILE
+    if file.is_file():  # PEFT's LoRA and IA3 build on no other adapter and add no virtual tokens
+        peft_type = read_json(file).get("peft_type")
+        if peft_type not in peft.PEFT_TYPES:
+            raise LoadError(f"{file}: peft_type={peft_type!r} is not supported; polyadapter reads PEFT's "
+                            f"{' and '.join(peft.PEFT_TYPES)} adapters")
+        return Source(name, "folder", path, peft.PEFT_TYPES[peft_type], [])
     raise LoadError(f"{path}: neither a polyadapter folder ({native.CONFIG_FILE}) nor a PEFT folder "
                     f"({peft.CONFIG_FILE})")
 

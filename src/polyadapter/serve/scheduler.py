@@ -43,7 +43,7 @@ class Request:
     computed: int = 0             # positions whose keys and values are in the cache
     blocks: list[int] = field(default_factory=list)
     row_setup: object = None      # the normalized setup the rows of this request run
-    names: frozenset = frozenset()  # adapters it needs on the device
+    names: tuple = ()             # adapters it needs on the device, dependencies first
     stream: RowStream | None = None
     prompt_embeds: object = None  # (prefix, hidden) virtual-token embeddings, or None
     finish_reason: str | None = None
