@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
+import time
 
 import pytest
 import torch
@@ -71,13 +72,14 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
             for _ in range(n)]
 
 
-def _drain(engine, handles, steps: int = 500) -> None:
-    """Step a thread-less engine until every handle is done (bounded)."""
-    for _ in range(steps):
-        if all(h.done for h in handles):
-            return
-        engine.step()
-    raise AssertionError(f"requests still running after {steps} steps")
+def _drain(engine, handles, seconds: float = 120) -> None:
+    """Step a thread-less engine until every handle is done (bounded in time; a step with
+    nothing to run, while adapters are read in the background, sleeps a moment)."""
+    deadline = time.monotonic() + seconds
+    while not all(h.done for h in handles):
+        assert time.monotonic() < deadline, f"requests still running after {seconds} s"
+        if not engine.step():
+            time.sleep(0.001)
 
 
 def reference(pm, prompt: list[int], setup, max_tokens: int) -> list[int]:
@@ -351,9 +353,12 @@ def test_unregister_refuses_what_is_in_use_and_frees_the_rest(tmp_path):
         for n, path in folders.items():
             engine.register_adapter(n, path)
         engine.register_adapter("mix", Merge(("la", "lb"), (0.5, 0.5)))
-        h = engine.submit([3, 4], "l8", SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
-        for _ in range(3):
-            engine.step()
+        h = engine.submit([3, 4], "l8", SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+        deadline = time.monotonic() + 60  # until it runs (its adapter is read in the background first)
+        while not h.request.output and time.monotonic() < deadline:
+            if not engine.step():
+                time.sleep(0.001)
+        assert h.request.output and not h.done
         with pytest.raises(pa.errors.PolyAdapterError, match="in use by running requests"):
             engine.pool.unregister("l8")
         with pytest.raises(pa.errors.PolyAdapterError, match="used by"):

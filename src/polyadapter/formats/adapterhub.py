@@ -60,6 +60,7 @@ from ..validate import check_file
 from .files import (
     _CONVERT_HINT,
     check_tensors,
+    config_from_file,
     read_json,
     read_safetensors,
     write_folder,
@@ -415,10 +416,7 @@ def load(model, path: Path, name: str | None = None):
         config["modules_to_save"] = sorted(head)
         for module, params in head.items():
             tensors.update({f"{module}.module.{p}": t for p, t in params.items()})
-    try:
-        config = config_from_dict(config, where=str(path / CONFIG_FILE))
-    except ConfigError as e:
-        raise LoadError(str(e)) from None
+    config = config_from_file(config, str(path / CONFIG_FILE))
     try:
         plan = model.plan_adapter(name, config)
     except PolyAdapterError as e:
@@ -760,10 +758,7 @@ def adapterhub_to_native_folder(src: Path, dst: Path, overwrite: bool = False) -
     if form.head:
         raise LoadError(f"{src}: holds a prediction head ({HEAD_WEIGHTS_FILE}); whether it differs from the base's "
                         f"needs the base model: load it onto the model and save from there")
-    try:
-        config = config_from_dict(form.config, where=str(src / CONFIG_FILE))
-    except ConfigError as e:
-        raise LoadError(str(e)) from None
+    config = config_from_file(form.config, str(src / CONFIG_FILE))
     return native.write(dst, name=safe_name(dst.resolve().name), config=config, sites=form.sites, saved_modules=[],
                         tensors=form.tensors, num_parameters=sum(t.numel() for t in form.tensors.values()),
                         base_model={}, provenance=form.provenance, overwrite=overwrite)

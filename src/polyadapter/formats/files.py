@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import LoadError, ShapeMismatchError, UnsafeFileError
+from ..errors import ConfigError, LoadError, ShapeMismatchError, UnsafeFileError
 from ..validate import finite_or_text
 from .folders import replace_folder
 
@@ -163,3 +163,13 @@ def write_folder(dst: Path, files: dict[str, object], overwrite: bool = False) -
                 (tmp / name).write_text(dump_json(content), encoding="utf-8")
 
     return replace_folder(Path(dst), fill, overwrite=overwrite)
+
+
+def config_from_file(data: dict, where: str):
+    """The method config a file holds (``methods.config_from_dict``), its refusals
+    raised as LoadError: in a file, a bad config is a bad file."""
+    from ..methods import config_from_dict
+    try:
+        return config_from_dict(data, where=where)
+    except ConfigError as e:
+        raise LoadError(str(e)) from None

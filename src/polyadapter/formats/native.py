@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 
 from .._version import __version__
-from ..errors import ConfigError, LoadError, PolyAdapterError
-from ..methods import config_from_dict
+from ..errors import LoadError, PolyAdapterError
 from ..validate import NativeMeta, check_file
 from . import compeft
-from .files import check_tensors, read_json, read_safetensors, write_folder
+from .files import check_tensors, config_from_file, read_json, read_safetensors, write_folder
 
 CONFIG_FILE = "polyadapter.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -119,10 +118,7 @@ def meta_config(meta: dict, file: str):
         raise LoadError(f"{file}: format version {version} is newer than this "
                         f"polyadapter ({__version__}) reads; upgrade polyadapter")
     check_file(NativeMeta, meta, str(file))
-    try:
-        return config_from_dict(meta["config"], where=f"{file}: config")
-    except ConfigError as e:
-        raise LoadError(str(e)) from None
+    return config_from_file(meta["config"], f"{file}: config")
 
 
 def weights_file(path: Path, meta: dict) -> Path:

@@ -70,6 +70,7 @@ from ..validate import PeftFields, check_file
 from .files import (
     _CONVERT_HINT,
     check_tensors,
+    config_from_file,
     read_json,
     read_safetensors,
     refuse_pickle,
@@ -124,6 +125,15 @@ class NativeForm:
     exact_config: dict = field(default_factory=dict)  # the config with exact site names as patterns
 
 
+def method_of(peft_config: dict, where: str) -> str:
+    """Our method name for a PEFT config's ``peft_type``; LoadError for a type we do not read."""
+    peft_type = peft_config.get("peft_type")
+    if peft_type not in PEFT_TYPES:
+        raise LoadError(f"{where}: peft_type={peft_type!r} is not supported; polyadapter reads PEFT's "
+                        f"{' and '.join(PEFT_TYPES)} adapters")
+    return PEFT_TYPES[peft_type]
+
+
 def from_peft(peft_config: dict, peft_tensors: dict[str, torch.Tensor], where: str = "PEFT adapter",
               exact_order: bool = False) -> NativeForm:
     """Translate PEFT's (config, tensors) to ours. Pure: needs no model.
@@ -131,11 +141,8 @@ def from_peft(peft_config: dict, peft_tensors: dict[str, torch.Tensor], where: s
     ``exact_order``: make ``sites`` follow the order in which our target resolution
     would list them on the model (needed for a native file); where that order cannot be
     told from names alone, the returned config targets exact site names."""
-    peft_type = peft_config.get("peft_type")
-    if peft_type not in PEFT_TYPES:
-        raise LoadError(f"{where}: peft_type={peft_type!r} is not supported; polyadapter reads PEFT's "
-                        f"{' and '.join(PEFT_TYPES)} adapters")
-    method = PEFT_TYPES[peft_type]
+    method = method_of(peft_config, where)
+    peft_type = peft_config["peft_type"]
     _check_fields(peft_config, peft_type, where)
 
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -587,10 +594,7 @@ def load(model, path: Path, name: str | None = None):
 
     plan, errors = None, []
     for config in (form.config, form.exact_config):  # exact site names when patterns do not carry over
-        try:
-            config = config_from_dict(config, where=str(path / CONFIG_FILE))
-        except ConfigError as e:
-            raise LoadError(str(e)) from None
+        config = config_from_file(config, str(path / CONFIG_FILE))
         try:
             candidate = model.plan_adapter(name, config)
         except TargetError as e:
@@ -690,10 +694,7 @@ def native_parts(src: Path) -> NativeParts:
         warnings.warn(f"{src}: dropped {len(form.base_copies)} copies of base weights PEFT stored "
                       f"(e.g. {sorted(form.base_copies)[0]!r}); they are not checked without a base model",
                       stacklevel=3)
-    try:
-        config = config_from_dict(form.config, where=str(src / CONFIG_FILE))
-    except ConfigError as e:
-        raise LoadError(str(e)) from None
+    config = config_from_file(form.config, str(src / CONFIG_FILE))
     return NativeParts(config, form.sites, form.saved_modules, form.tensors, _provenance(peft_config))
 
 

@@ -279,10 +279,13 @@ class Engine:
         setups = setups if setups is not None else [None] * len(prompts)
         params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
         handles = [self.submit(p, s, sp) for p, s, sp in zip(prompts, setups, params)]
-        if self._thread is None:
-            while not all(h.done for h in handles):
-                self.step()
         deadline = time.monotonic() + timeout
+        if self._thread is None:  # no engine thread: step here (a moment's sleep while adapters are read)
+            while not all(h.done for h in handles):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"generate: requests still running after {timeout} s")
+                if not self.step():
+                    time.sleep(0.001)
         return [h.result(timeout=max(0.0, deadline - time.monotonic())) for h in handles]
 
     def metrics(self) -> dict:

@@ -404,11 +404,7 @@ def _folder_source(name: str, path: Path) -> Source:
         return Source.of_config(name, "folder", path, native.meta_config(meta, str(path / native.CONFIG_FILE)))
     file = path / peft.CONFIG_FILE
     if file.is_file():  # PEFT's LoRA and IA3 build on no other adapter and add no virtual tokens
-        peft_type = read_json(file).get("peft_type")
-        if peft_type not in peft.PEFT_TYPES:
-            raise LoadError(f"{file}: peft_type={peft_type!r} is not supported; polyadapter reads PEFT's "
-                            f"{' and '.join(peft.PEFT_TYPES)} adapters")
-        return Source(name, "folder", path, peft.PEFT_TYPES[peft_type], [])
+        return Source(name, "folder", path, peft.method_of(read_json(file), str(file)), [])
     raise LoadError(f"{path}: neither a polyadapter folder ({native.CONFIG_FILE}) nor a PEFT folder "
                     f"({peft.CONFIG_FILE})")
 
