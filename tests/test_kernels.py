@@ -232,14 +232,20 @@ if __name__ == "__main__":
 
 @pytest.mark.parametrize("L", [1, 3, 16])
 @pytest.mark.parametrize("with_out", [False, True])
-def test_torch_segment_strategy_matches_gather_strategy(L, with_out, monkeypatch):
-    """The two torch strategies (per-row gather + bmm, sorted segments + grouped_mm)
-    give the same LoRA update, including empty slots and unsorted rows."""
+@pytest.mark.parametrize("loop_rows", [0, 10**9])   # per-slot matmuls for every run, or grouped_mm always
+@pytest.mark.parametrize("slots", ["mixed", "sorted", "one"])
+def test_torch_segment_strategy_matches_gather_strategy(L, with_out, loop_rows, slots, monkeypatch):
+    """The torch strategies (per-row gather + bmm; sorted segments through grouped_mm
+    or through one matmul per run of a slot) give the same LoRA update, including
+    empty slots, unsorted rows and a batch of one adapter."""
+    monkeypatch.setattr(torch_ops, "_LOOP_ROWS", loop_rows)
     g = torch.Generator().manual_seed(11)
     n, k, r, m, S = 9, 32, 8, 24, 6
     x = torch.randn(n, L, k, generator=g)
     A, B = torch.randn(S, r, k, generator=g), torch.randn(S, m, r, generator=g)
-    slot = torch.tensor([5, 0, 5, 2, 2, 0, 5, 3, 0])  # slots 1 and 4 unused
+    slot = {"mixed": torch.tensor([5, 0, 5, 2, 2, 0, 5, 3, 0]),  # slots 1 and 4 unused
+            "sorted": torch.tensor([0, 0, 2, 2, 3, 5, 5, 5, 5]),
+            "one": torch.full((n,), 4)}[slots]
     scale = torch.rand(S, generator=g) + 0.5
     out = torch.randn(n, L, m, generator=g)
     results = {}

@@ -339,6 +339,10 @@ class Engine:
         work = self.scheduler.schedule(self._ready)
         if not work:  # waiting on adapter reads: the pool wakes the loop when one finishes
             return False
+        if len(work) > 1:  # rows in bank-slot order: the segment kernels gather and scatter nothing
+            ranks = {n: self.pool.slot_rank(n) for n in {w.request.names[0] if w.request.names else None
+                                                          for w in work}}
+            work.sort(key=lambda w: ranks[w.request.names[0] if w.request.names else None])
         plan = build(work, self.kv, self.block_size, self.device)
         logits = self._forward(plan)
         for w in work:

@@ -36,6 +36,7 @@ import torch
 
 from ..compose import depends_on
 from ..errors import AdapterNameError, ConfigError, LoadError, PolyAdapterError
+from ..sites import Site, original_or_site
 
 MERGE_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # ops.combine's names
 
@@ -279,6 +280,21 @@ class AdapterPool:
             self.stats.installs += 1
             self.device[name] = None
             self.wanted.pop(name, None)
+
+    def slot_rank(self, name: str | None) -> int:
+        """The bank slot ``name`` holds at its first site (-1 for the base or an adapter
+        without bank slots). Every site installs the pool's adapters in the same order,
+        so slots agree across sites: ordering a step's rows by this rank puts each
+        bank's rows in slot order, and the segment kernels then need no gather or
+        scatter at any site."""
+        if name is None or name not in self.pm.adapters:
+            return -1
+        record = self.pm.record(name)
+        if not record.sites:
+            return -1
+        site = original_or_site(self.pm.model, record.sites[0])
+        slots = site.layout().slots if isinstance(site, Site) else {}
+        return slots.get(name, -1)
 
     def _compute_merge(self, source: Source) -> None:
         from ..ops.combine import combine
