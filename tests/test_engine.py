@@ -226,6 +226,8 @@ def test_pool_smaller_than_the_adapters_in_flight_loads_and_evicts(tmp_path):
         stats = engine.pool.stats
         assert stats.evictions > 0 and stats.loads >= 6
         assert len(pm.adapters) <= 2
+        # every install used a plan the reader thread built and checked (evicted ones again)
+        assert len(stats.prepare_ms) == stats.installs > 6
     assert [x.token_ids for x in got] == want
 
 

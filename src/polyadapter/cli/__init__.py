@@ -2,9 +2,12 @@
 
     polyadapter quickstart                       # LoRA on MiniLM, BBC News, in a few minutes
     polyadapter train --data bbc --method lora --out runs/bbc-lora      (cli/train.py: quickstart, train, eval)
+    polyadapter train --task causal-lm --model smollm2 --data chatterbot:greetings --out store:greetings
+                                                                       (cli/train_lm.py)
     polyadapter info runs/bbc-lora                                     (cli/describe.py: info, convert, methods)
     polyadapter combine runs/a runs/b --method ties --out ab           (cli/reuse.py: combine, compress, merge, lorahub)
     polyadapter store add runs/bbc-lora --name bbc                     (cli/store.py: the adapter store)
+    polyadapter serve --port 8000                                      (cli/serve.py: the OpenAI-compatible server)
 
 Every deliberate error (``PolyAdapterError``) and every file-system error (``OSError``)
 ends the command with a one-line message on stderr and exit code 2, without a traceback.
@@ -19,7 +22,7 @@ import warnings
 
 from .._version import __version__
 from ..errors import PolyAdapterError
-from . import describe, reuse, store, train
+from . import describe, reuse, serve, store, train
 from .common import CLIError  # noqa: F401  (re-exported: the CLI's own error type)
 
 
@@ -29,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "combine, store.")
     parser.add_argument("--version", action="version", version=f"polyadapter {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for group in (train, describe, reuse, store):
+    for group in (train, describe, reuse, store, serve):
         group.add_parsers(sub)
     return parser
 

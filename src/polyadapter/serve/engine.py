@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -186,7 +187,7 @@ class Engine:
     def __init__(self, pm, tokenizer=None, *, max_num_seqs: int = 64, max_num_batched_tokens: int = 1024,
                  chunk_size: int = 512, block_size: int = 16, kv_cache_tokens: int | None = None,
                  kv_cache_bytes: int = 1 << 30, device_slots: int = 16, host_bytes: int = 4 << 30,
-                 store=None, seed: int = 0, start: bool = True):
+                 store=None, seed: int = 0, max_lora_rank: int | None = None, start: bool = True):
         from ..model import AdapterModel
         if not isinstance(pm, AdapterModel):
             raise ConfigError(f"Engine needs an AdapterModel; found {type(pm).__name__}")
@@ -211,7 +212,8 @@ class Engine:
         kv_cache.register()
         self.eos = _eos_ids(model, tokenizer)
         self.max_model_len = _max_len(model.config)
-        self.pool = AdapterPool(pm, device_slots=device_slots, host_bytes=host_bytes, store=store)
+        self.pool = AdapterPool(pm, device_slots=device_slots, host_bytes=host_bytes, store=store,
+                                max_rank=max_lora_rank)
         per_token = self._probe_kv_bytes()
         tokens = kv_cache_tokens or max(block_size, kv_cache_bytes // per_token)
         self.num_blocks = max(1, tokens // block_size)
@@ -238,6 +240,36 @@ class Engine:
         """Register ``name`` from a folder, ``store:REF`` or a :class:`Merge`; no
         weights are read until a request needs it."""
         self.pool.register(name, source)
+
+    def unregister_adapter(self, name: str, timeout: float = 30) -> None:
+        """Forget ``name`` (its device slot and host copy too), between two steps; refused
+        (PolyAdapterError) while requests use it or other adapters build on it."""
+        if self._thread is None or not self._thread.is_alive():
+            self.pool.unregister(name)
+            return
+        done: Future = Future()
+        self._inbox.put(("unregister", (name, done)))
+        self._wake.set()
+        done.result(timeout)
+
+    @property
+    def healthy(self) -> bool:
+        """The engine runs (not closed, its loop not stopped by an error)."""
+        return not self._closed and self._error is None and (self._thread is None or self._thread.is_alive())
+
+    def adapters(self) -> dict[str, str]:
+        """Every registered adapter's name and where it comes from (a folder, ``store:REF``,
+        ``merge`` or ``resident``)."""
+        out = {}
+        for name, src in list(self.pool.sources.items()):
+            out[name] = {"folder": str(src.ref), "store": f"store:{src.ref}"}.get(src.kind, src.kind)
+        return out
+
+    def adapters_in_use(self) -> tuple[list[str], list[str]]:
+        """(adapters the running requests use, adapters waiting requests ask for)."""
+        running = sorted({n for r in list(self.scheduler.running) for n in r.names})
+        waiting = sorted({n for r in list(self.scheduler.waiting) for n in r.names})
+        return running, waiting
 
     def submit(self, prompt, setup=None, sampling: SamplingParams | None = None, request_id: str = "") -> Handle:
         """Queue a request and return its :class:`Handle` at once. ``prompt``: text
@@ -366,6 +398,14 @@ class Engine:
                 if not r.finished:
                     self.scheduler.finish(r)
                     item._finish("cancelled")
+            elif kind == "unregister":
+                name, done = item
+                try:
+                    self.pool.unregister(name)
+                except BaseException as e:  # handed to the caller's thread
+                    done.set_exception(e)
+                else:
+                    done.set_result(None)
 
     def _fail_unloadable(self) -> None:
         if not self.pool.failed:

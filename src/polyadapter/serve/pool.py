@@ -87,6 +87,7 @@ class Parts:
     tensors: dict
     provenance: dict = field(default_factory=dict)
     where: str = ""
+    plan: object = None   # built and filled in the reader thread (see ``prepare``); used by one install
 
     @property
     def nbytes(self) -> int:
@@ -104,11 +105,12 @@ class Source:
     method: str
     needs: list
     virtual_tokens: int = 0   # prompt tuning: placeholder tokens in front of the prompt
+    rank: int | None = None   # LoRA's largest rank (None for other methods)
 
     @classmethod
     def of_config(cls, name: str, kind: str, ref, config) -> Source:
         tokens = config.num_virtual_tokens if config.method == "prompt" else 0
-        return cls(name, kind, ref, config.method, depends_on(config), tokens)
+        return cls(name, kind, ref, config.method, depends_on(config), tokens, _largest_rank(config))
 
 
 @dataclass
@@ -119,14 +121,17 @@ class PoolStats:
     installs: int = 0         # host -> device installs
     evictions: int = 0
     load_ms: list = field(default_factory=list)      # disk -> host, per read
-    install_ms: list = field(default_factory=list)   # host -> device, per install
+    install_ms: list = field(default_factory=list)   # host -> device, per install (on the engine thread)
+    prepare_ms: list = field(default_factory=list)   # parts built and checked, per install (reader thread)
 
 
 class AdapterPool:
-    def __init__(self, pm, device_slots: int = 16, host_bytes: int = 4 << 30, store=None):
+    def __init__(self, pm, device_slots: int = 16, host_bytes: int = 4 << 30, store=None,
+                 max_rank: int | None = None):
         if device_slots < 1:
             raise ConfigError(f"device_slots={device_slots} must be >= 1")
-        self.pm, self.store = pm, store
+        self.pm, self.store, self.max_rank = pm, store, max_rank
+        self._store_thread = threading.get_ident()   # the thread whose connection ``store`` holds
         self.resident = set(pm.adapters)            # installed before the engine: never evicted
         self.device_slots = device_slots
         self.host_bytes = host_bytes
@@ -140,6 +145,7 @@ class AdapterPool:
         self.stats = PoolStats()
         self._loading: dict[str, Future] = {}
         self._lock = threading.Lock()
+        self._tree_lock = threading.Lock()   # the model's module tree: installs vs. plans read in the reader
         self._local = threading.local()
         self.on_loaded = lambda: None   # the engine wakes its loop when a read finishes
         self._opened: list = []
@@ -166,12 +172,16 @@ class AdapterPool:
         if text.startswith("store:"):
             if self.store is None:
                 raise ConfigError(f"adapter {name!r}: {text} names the store, but the engine has none")
-            version = self.store.resolve(text[len("store:"):])
+            version = self._resolve(text[len("store:"):])
             from ..methods import config_from_dict
             config = config_from_dict(version.config, where=f"store adapter {version.ref}")
-            self.sources[name] = Source.of_config(name, "store", text[len("store:"):], config)
-            return
-        self.sources[name] = _folder_source(name, Path(text))
+            found = Source.of_config(name, "store", text[len("store:"):], config)
+        else:
+            found = _folder_source(name, Path(text))
+        if self.max_rank is not None and found.rank is not None and found.rank > self.max_rank:
+            raise ConfigError(f"adapter {name!r} ({text}): LoRA rank {found.rank} is above this engine's "
+                              f"max_lora_rank={self.max_rank}")
+        self.sources[name] = found
 
     def unregister(self, name: str) -> None:
         if name not in self.sources:
@@ -268,10 +278,11 @@ class AdapterPool:
                 return  # every slot holds an adapter in use; try again after the next step
             started = time.perf_counter()
             try:
-                if parts is None:
-                    self._compute_merge(source)
-                else:
-                    install(self.pm, name, parts)
+                with self._tree_lock:
+                    if parts is None:
+                        self._compute_merge(source)
+                    else:
+                        install(self.pm, name, parts)
             except PolyAdapterError as e:
                 self.failed[name] = f"adapter {name!r}: {e}"
                 self.wanted.pop(name, None)
@@ -319,7 +330,8 @@ class AdapterPool:
     def _evict(self, name: str) -> None:
         if name not in self.host:  # keep its weights in host memory (a derived merge, say)
             self._keep(name, self._installed_parts(name))
-        self.pm.remove_adapter(name)
+        with self._tree_lock:
+            self.pm.remove_adapter(name)
         del self.device[name]
         self.stats.evictions += 1
 
@@ -351,11 +363,18 @@ class AdapterPool:
         future.add_done_callback(lambda _: self.on_loaded())
 
     def _take_read(self, name: str) -> Parts | None:
+        """The adapter's parts with a prepared plan, or None while the reader thread
+        reads or prepares them (it prepares again after an eviction: plans are single use)."""
         with self._lock:
-            if name in self.host:
-                self.host.move_to_end(name)
-                return self.host[name]
             future = self._loading.get(name)
+            if future is None and name in self.host:
+                self.host.move_to_end(name)
+                parts = self.host[name]
+                if parts.plan is not None or self.sources[name].kind == "merge":
+                    return parts
+                future = self._loading[name] = self._reader.submit(self._prepare, name, parts)
+                future.add_done_callback(lambda _: self.on_loaded())
+                return None
         if future is None:
             self._start_read(name)
             return None
@@ -386,7 +405,23 @@ class AdapterPool:
             parts.tensors = {k: v.pin_memory() for k, v in parts.tensors.items()}
         self.stats.loads += 1
         self.stats.load_ms.append((time.perf_counter() - started) * 1e3)
+        return self._prepare(source.name, parts)
+
+    def _prepare(self, name: str, parts: Parts) -> Parts:
+        started = time.perf_counter()
+        with self._tree_lock:  # the engine thread wraps sites and adds parts under the same lock
+            parts.plan = prepare(self.pm, name, parts)
+        self.stats.prepare_ms.append((time.perf_counter() - started) * 1e3)
         return parts
+
+    def _resolve(self, ref: str):
+        """The store version ``ref`` names, read through a connection of the calling
+        thread (an HTTP server registers adapters from its worker threads)."""
+        if threading.get_ident() == self._store_thread:
+            return self.store.resolve(ref)
+        from ..store import Store
+        with Store(self.store.path) as store:
+            return store.resolve(ref)
 
     def _reader_store(self):
         """The reader thread's own connection to the store (SQLite connections stay in
@@ -402,6 +437,12 @@ class AdapterPool:
         self._reader.submit(lambda: [store.close() for store in self._opened])  # in the thread that opened them
         self._reader.shutdown(wait=True, cancel_futures=False)
         self.pm.state.bank_slots = self._saved_bank_slots
+
+
+def _largest_rank(config) -> int | None:
+    if config.method != "lora":
+        return None
+    return max([config.r] + [r for r in (getattr(config, "rank_pattern", None) or {}).values()])
 
 
 def _model_device(pm) -> torch.device:
@@ -420,7 +461,11 @@ def _folder_source(name: str, path: Path) -> Source:
         return Source.of_config(name, "folder", path, native.meta_config(meta, str(path / native.CONFIG_FILE)))
     file = path / peft.CONFIG_FILE
     if file.is_file():  # PEFT's LoRA and IA3 build on no other adapter and add no virtual tokens
-        return Source(name, "folder", path, peft.method_of(read_json(file), str(file)), [])
+        config = read_json(file)
+        ranks = [config.get("r")] + list((config.get("rank_pattern") or {}).values())
+        ranks = [r for r in ranks if isinstance(r, int) and not isinstance(r, bool)]
+        method = peft.method_of(config, str(file))
+        return Source(name, "folder", path, method, [], 0, max(ranks) if method == "lora" and ranks else None)
     raise LoadError(f"{path}: neither a polyadapter folder ({native.CONFIG_FILE}) nor a PEFT folder "
                     f"({peft.CONFIG_FILE})")
 
@@ -437,9 +482,10 @@ def read_folder(path: Path) -> Parts:
     return Parts(form.config, list(form.sites), form.tensors, dict(form.provenance), str(path))
 
 
-def install(pm, name: str, parts: Parts) -> None:
-    """Install ``parts`` as adapter ``name``; every check of a folder load runs first,
-    so on error the model is unchanged."""
+def prepare(pm, name: str, parts: Parts):
+    """A filled plan for installing ``parts`` as ``name``: every check of a folder load
+    (sites, tensor names, shapes, finiteness) and the copy into new parameters, without
+    touching the model, so the pool runs it in its reader thread, off the step loop."""
     from ..formats.files import check_tensors
     plan = pm.plan_adapter(name, parts.config)
     if set(plan.record.sites) != set(parts.sites):
@@ -449,4 +495,13 @@ def install(pm, name: str, parts: Parts) -> None:
     check_tensors(parts.tensors, plan.state_dict(), parts.where)
     plan.load_tensors(parts.tensors)
     plan.record.provenance = dict(parts.provenance)
+    return plan
+
+
+def install(pm, name: str, parts: Parts) -> None:
+    """Install ``parts`` as adapter ``name`` (with the plan the reader thread prepared,
+    else preparing it here); on error the model is unchanged."""
+    plan, parts.plan = parts.plan, None
+    if plan is None or plan.record.name != name:
+        plan = prepare(pm, name, parts)
     pm.install(plan)
