@@ -29,6 +29,7 @@ import torch
 
 import polyadapter as pa
 from polyadapter.basemodels import load_classifier, load_smollm2
+from polyadapter.causal_lm import as_messages, chat_text
 from polyadapter.data import load_chatterbot, load_dataset, split
 from polyadapter.ops.combine import combine
 from polyadapter.ops.compress import compeft, svd_compress
@@ -148,14 +149,6 @@ def _head_only(pm, task):
 
 
 # ====================================================================== 3: SmolLM2 + chatterbot
-def conversation_text(tokenizer, turns: list[str]) -> str:
-    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False)
-    except Exception:  # noqa: BLE001 - no chat template: a plain transcript
-        return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-
-
 def run_route(args, rows):
     model, tokenizer = load_smollm2()
     pm = pa.AdapterModel(model)
@@ -168,7 +161,7 @@ def run_route(args, rows):
         convs = list(convs)
         rng.shuffle(convs)
         n_test = max(8, min(25, len(convs) // 5))
-        texts = [conversation_text(tokenizer, c) for c in convs]
+        texts = [chat_text(tokenizer, as_messages(c)) for c in convs]  # loss on every token, as lm_loss scores
         held[cat] = texts[:n_test]
         pm.add_adapter(cat, pa.LoraConfig(r=8, alpha=16, targets=["q_proj", "k_proj", "v_proj", "o_proj"]),
                        activate=False)

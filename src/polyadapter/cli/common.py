@@ -67,22 +67,36 @@ def _size(text: str) -> int | float:
     return value
 
 
-def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--data", required=required,
-                   help="'bbc' (BBC News, 5 topics), 'tweets' (sentiment, 3 classes), or a .csv/.tsv/.jsonl file")
+DATA_HELP = "'bbc' (BBC News, 5 topics), 'tweets' (sentiment, 3 classes), or a .csv/.tsv/.jsonl file"
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True, help: str = DATA_HELP) -> None:
+    p.add_argument("--data", required=required, help=help)
     p.add_argument("--text-column", default="text", help="text column of a data file (default: text)")
     p.add_argument("--label-column", default="label", help="label column of a data file (default: label)")
 
 
-def _add_run_args(p: argparse.ArgumentParser, defaults: dict) -> None:
+def _add_run_args(p: argparse.ArgumentParser, defaults: dict, task_defaults: dict | None = None) -> None:
+    """The training options. ``task_defaults`` (``{"causal-lm": {"lr": 1e-3, ...}}``): the
+    options it names default to None, their help gives every task's default, and the verb
+    fills them in (:func:`fill_defaults`)."""
+    def default(key: str) -> dict:
+        if not task_defaults or not any(key in d for d in task_defaults.values()):
+            return {"default": defaults[key], "help": "default: %(default)s"}
+        others = "".join(f"; {task}: {d[key]}" for task, d in task_defaults.items() if key in d)
+        return {"default": None, "help": f"default: {defaults[key]}{others}"}
+
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=count(1, 10_000), default=defaults["epochs"], help="default: %(default)s")
-    g.add_argument("--lr", type=number(0, 10, low_open=True), default=defaults["lr"],
-                   help="AdamW learning rate (default: %(default)s)")
+    d = default("epochs")
+    g.add_argument("--epochs", type=count(1, 10_000), **d)
+    d = default("lr")
+    g.add_argument("--lr", type=number(0, 10, low_open=True), default=d["default"],
+                   help=f"AdamW learning rate ({d['help']})")
     g.add_argument("--batch-size", type=count(1, 65_536), default=defaults["batch_size"],
                    help="default: %(default)s")
-    g.add_argument("--max-length", type=count(1, 1_000_000), default=defaults["max_length"],
-                   help="tokens per text, longer texts are cut (default: %(default)s)")
+    d = default("max_length")
+    g.add_argument("--max-length", type=count(1, 1_000_000), default=d["default"],
+                   help=f"tokens per text, longer texts are cut ({d['help']})")
     rest = "all that the test split leaves" if defaults["train_size"] is None else "%(default)s"
     g.add_argument("--train-size", type=_size, default=defaults["train_size"],
                    help=f"training examples, a count or a fraction (default: {rest})")
@@ -90,6 +104,13 @@ def _add_run_args(p: argparse.ArgumentParser, defaults: dict) -> None:
                    help="held-out test examples, a count or a fraction (default: %(default)s)")
     g.add_argument("--seed", type=SEED, default=0, help="split, head initialisation, shuffling (default: 0)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def fill_defaults(args, defaults: dict) -> None:
+    """Set each option of ``args`` that is None (not given) to its value in ``defaults``."""
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -144,6 +165,37 @@ def check_store_out(out: str, store_dir: str | None) -> None:
         raise CLIError(f"--out {out}: the store numbers versions itself; use --out store:{ref.name} "
                        f"(or store:{ref.name}@ALIAS)")
     Store(store_dir).close()  # StoreNotFoundError (run `polyadapter store init`) before any work
+
+
+def check_out(out, store_dir: str | None, overwrite: bool) -> tuple[bool, str | Path]:
+    """``--out`` of a training verb, checked before any work: (to the store?, where the
+    adapter goes: the store:NAME reference, or OUT/adapter inside the run folder OUT)."""
+    if is_store_ref(out):
+        check_store_out(str(out), store_dir)
+        return True, str(out)
+    from ..formats.folders import check_destination
+    out = Path(out)
+    target = out / ADAPTER_DIR
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"{out}: is a file; --out is a run folder (the adapter goes to OUT/{ADAPTER_DIR})")
+    check_destination(target, overwrite)  # refuses a non-adapter folder, and unwritable places
+    return False, target
+
+
+def check_max_length(net, max_length: int) -> None:
+    """CLIError when --max-length exceeds the positions the model has."""
+    positions = getattr(getattr(net, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and max_length > positions:
+        raise CLIError(f"--max-length {max_length} is more than the model's {positions} positions")
+
+
+def check_format(format: str, method: str) -> None:
+    """CLIError when ``--format peft`` cannot hold a ``method`` adapter."""
+    if format == "peft":
+        from ..formats.peft import PEFT_TYPES
+        if method not in PEFT_TYPES.values():
+            raise CLIError(f"PEFT's format cannot hold a {method} adapter (only {sorted(PEFT_TYPES.values())}); "
+                           f"use --format native")
 
 
 def _is_adapter_folder(p: Path) -> bool:

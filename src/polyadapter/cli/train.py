@@ -1,4 +1,4 @@
-"""The training verbs: quickstart, train, eval."""
+"""The training verbs: quickstart, train, eval (``train --task causal-lm`` lives in train_lm.py)."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,9 @@ import time
 from pathlib import Path
 
 from .._version import __version__
+from ..causal_lm import DATA_HELP as LM_DATA_HELP
 from .common import (
-    ADAPTER_DIR,
+    DATA_HELP,
     METRICS_FILE,
     SEED,
     CLIError,
@@ -20,11 +21,16 @@ from .common import (
     _table,
     _write_json,
     add_store_arg,
-    check_store_out,
+    check_format,
+    check_max_length,
+    check_out,
     count,
-    is_store_ref,
+    fill_defaults,
 )
 from .describe import read_source
+from .train_lm import DEFAULTS as LM_DEFAULTS
+from .train_lm import HELP as LM_HELP
+from .train_lm import cmd_train_lm
 
 QUICKSTART = {
     "model": "minilm", "data": "bbc",
@@ -43,7 +49,6 @@ def run_training(*, model: str, data_spec: str, config: dict, out, epochs: int, 
     version of NAME in the adapter store; the metrics then live in its provenance)."""
     from ..basemodels import classifier_head, load_classifier
     from ..data import load_dataset, split
-    from ..formats.folders import check_destination
     from ..methods import config_from_dict, method_spec
     from ..model import AdapterModel
     from ..names import check_name
@@ -51,22 +56,9 @@ def run_training(*, model: str, data_spec: str, config: dict, out, epochs: int, 
 
     start = time.perf_counter()
     method = config_from_dict(config, where="adapter config").method  # fail fast, before any loading
-    if format == "peft":
-        from ..formats.peft import PEFT_TYPES
-        if method not in PEFT_TYPES.values():
-            raise CLIError(f"PEFT's format cannot hold a {method} adapter (only {sorted(PEFT_TYPES.values())}); "
-                           f"use --format native")
+    check_format(format, method)
     check_name(name, "--name")
-    to_store = is_store_ref(out)
-    if to_store:
-        check_store_out(str(out), store)
-        target = str(out)
-    else:
-        out = Path(out)
-        target = out / ADAPTER_DIR
-        if out.exists() and not out.is_dir():
-            raise CLIError(f"{out}: is a file; --out is a run folder (the adapter goes to OUT/{ADAPTER_DIR})")
-        check_destination(target, overwrite)  # refuses a non-adapter folder, and unwritable places
+    to_store, target = check_out(out, store, overwrite)
     data = load_dataset(data_spec, text_column, label_column)
     train, test = split(data, test_size=test_size, train_size=train_size, seed=seed)
     if len(train) == 0:
@@ -110,15 +102,8 @@ def run_training(*, model: str, data_spec: str, config: dict, out, epochs: int, 
         "library_version": __version__,
     }
     if not to_store:
-        _write_json(out / METRICS_FILE, summary)
+        _write_json(Path(out) / METRICS_FILE, summary)
     return summary
-
-
-def check_max_length(net, max_length: int) -> None:
-    """CLIError when --max-length exceeds the positions the model has."""
-    positions = getattr(getattr(net, "config", None), "max_position_embeddings", None)
-    if isinstance(positions, int) and max_length > positions:
-        raise CLIError(f"--max-length {max_length} is more than the model's {positions} positions")
 
 
 def _where(method: str, sites: int, level: str | None, saved: list[str] | None) -> str:
@@ -168,6 +153,12 @@ def cmd_quickstart(args) -> int:
 def cmd_train(args) -> int:
     config = _read_config(args.config)
     config.update(_parse_set(args.set))
+    if args.task == "causal-lm":
+        return cmd_train_lm(args, config)
+    given = [o for o, v in (("--steps", args.steps), ("--rank", args.rank)) if v is not None]
+    if given:
+        raise CLIError(f"{' and '.join(given)}: only for --task causal-lm (a classifier's LoRA rank: --set r=N)")
+    fill_defaults(args, {"model": "minilm", **{k: QUICKSTART[k] for k in ("epochs", "lr", "max_length")}})
     method = args.method or config.get("method")
     if method is None:
         raise CLIError("no method: pass --method (lora, ia3, ...) or put \"method\" in --config")
@@ -240,12 +231,17 @@ def add_parsers(sub) -> None:
     _add_run_args(q, QUICKSTART)
     q.set_defaults(func=cmd_quickstart)
 
-    t = sub.add_parser("train", help="train an adapter for text classification",
+    t = sub.add_parser("train", help="train an adapter for text classification, or a causal-LM LoRA",
                        description="Train an adapter (plus the classifier head, unless the config sets "
-                                   "modules_to_save) and save it with its metrics under --out.")
-    t.add_argument("--model", default="minilm", help="'minilm' (packaged) or a local Hugging Face model folder")
-    _add_data_args(t)
-    t.add_argument("--method", help="lora, ia3, ... (see: polyadapter methods)")
+                                   "modules_to_save) and save it with its metrics under --out. With --task "
+                                   "causal-lm: a LoRA on a causal language model, trained on chat data with "
+                                   "the loss on the answers.")
+    t.add_argument("--task", choices=("classification", "causal-lm"), default="classification",
+                   help="default: %(default)s")
+    t.add_argument("--model", help="'minilm' (packaged) or a local Hugging Face model folder; causal-lm: "
+                                   "'smollm2' (packaged SmolLM2-135M, the default) or a local causal-LM folder")
+    _add_data_args(t, help=f"{DATA_HELP}; causal-lm: {LM_DATA_HELP}")
+    t.add_argument("--method", help="lora, ia3, ... (see: polyadapter methods); causal-lm: lora")
     t.add_argument("--config", help="JSON file of config fields (may include \"method\")")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                    help="a config field; the value is parsed as JSON when it can be (r=16, "
@@ -257,7 +253,12 @@ def add_parsers(sub) -> None:
     t.add_argument("--format", choices=("native", "peft"), default="native", help="adapter file format")
     t.add_argument("--overwrite", action="store_true", help="replace OUT/adapter if it exists")
     t.add_argument("--json", action="store_true", help="print the summary as JSON")
-    _add_run_args(t, {**QUICKSTART, "train_size": None, "test_size": 0.2})
+    _add_run_args(t, {**QUICKSTART, "train_size": None, "test_size": 0.2}, {"causal-lm": LM_HELP})
+    lm = t.add_argument_group("causal-lm (--task causal-lm)")
+    lm.add_argument("--steps", type=count(1, 10_000_000),
+                    help=f"batches to train (default: {LM_DEFAULTS['steps']}, or --epochs passes; both: "
+                         f"the fewer)")
+    lm.add_argument("--rank", type=count(1, 4096), help=f"LoRA rank (default: {LM_DEFAULTS['rank']}; alpha: 2 x rank)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="accuracy of an adapter on labelled data",
