@@ -60,6 +60,11 @@ def workload(n_requests: int, n_adapters: int, prompt_range, output_range, seed:
     return out
 
 
+def lengths(quick: bool) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(prompt length range, output length range) of the workload."""
+    return ((16, 64), (8, 32)) if quick else ((16, 256), (16, 128))
+
+
 def with_arrivals(requests: list[dict], rate: float | None, seed: int) -> list[dict]:
     rng, t = random.Random(seed + 1), 0.0
     for r in requests:
@@ -99,6 +104,16 @@ def make_adapters(pm, kind: str, names: list[str], work: Path, store, peft_dir: 
             pm.save_adapter(name, peft_dir / name, format="peft")
         pm.remove_adapter(name)
     return sizes
+
+
+def save_plain_model(model, tok, model_dir: Path) -> None:
+    """The model as a plain safetensors folder with its tokenizer, for vLLM (as
+    ../shared/DATA.md says). Drops the GGUF quantizer from ``model`` in place."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
 
 
 # ---------------------------------------------------------------- runs
@@ -152,6 +167,7 @@ def run_engine(pm, tok, requests, registered: int, device_slots: int, store, siz
                 "pool_evictions": stats.evictions,
                 "load_ms_p50": percentile(stats.load_ms[loads0:], 50),
                 "install_ms_p50": percentile(stats.install_ms, 50),
+                "prepare_ms_p50": percentile(stats.prepare_ms, 50),
                 "finish_errors": sum(o.finish_reason == "error" for o in outs),
                 "outputs": {r["id"]: o.token_ids for r, o in zip(requests, outs)}}
     finally:
@@ -259,7 +275,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     set_threads(args.threads)
     n_req = args.requests or (16 if args.quick else 64)
-    prompt_range, output_range = ((16, 64), (8, 32)) if args.quick else ((16, 256), (16, 128))
+    prompt_range, output_range = lengths(args.quick)
     from polyadapter.basemodels import load_smollm2
     from polyadapter.store import Store
     OUT_DIR.mkdir(exist_ok=True)
@@ -273,12 +289,8 @@ def main(argv=None) -> int:
             pm = pa.AdapterModel(model)
             base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
             model_dir = work / f"smollm2-{dtype_name}"
-            if not args.no_vllm:  # a plain safetensors folder for vLLM (as ../shared/DATA.md says)
-                model.hf_quantizer = None
-                if hasattr(model.config, "quantization_config"):
-                    del model.config.quantization_config
-                model.save_pretrained(model_dir)
-                tok.save_pretrained(model_dir)
+            if not args.no_vllm:
+                save_plain_model(model, tok, model_dir)
             vocab = model.get_input_embeddings().weight.shape[0]
             baseline: dict = {}
             for c in cases(args):
@@ -346,18 +358,20 @@ def report(rows: list[dict], args, md: Path, png: Path) -> None:
              f"of {args.chunk}. Greedy, `ignore_eos`, Zipf(s=1) adapter popularity. Measured by "
              f"`python bench/serve_engine.py{' --quick' if args.quick else ''}`.", "",
              "| case | dtype | engine | adapters (registered/slots) | out tok/s | ratio to no-adapter | "
-             "bytes-bound | TTFT p50/p99 ms | TPOT p50/p99 ms | pool hit / loads | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "bytes-bound | TTFT p50/p99 ms | TPOT p50/p99 ms | pool hit / loads | read / prepare / install ms | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         note = r.get("error", "") or r.get("greedy_equal_to_polyadapter", "")
         if r.get("greedy_equal_to_polyadapter"):
             note = f"greedy equal to ours: {note}"
         pool = "" if r["engine"] != "polyadapter" else f"{_f(r.get('pool_hit_rate'), 2)} / {r.get('pool_loads')}"
+        times = "" if r["engine"] != "polyadapter" or r.get("install_ms_p50") is None else \
+            f"{_f(r.get('load_ms_p50'), 0)} / {_f(r.get('prepare_ms_p50'), 0)} / {_f(r.get('install_ms_p50'), 0)}"
         lines.append(f"| {r['case']} | {r['dtype']} | {r['engine']} | {r['distinct_adapters']} "
                      f"({r['registered']}/{r['device_slots']}) | {_f(r.get('output_tokens_per_s'))} | "
                      f"{_f(r.get('ratio_to_no_adapter'), 2)} | {_f(r.get('bytes_bound_ratio'), 2)} | "
                      f"{_f(r.get('ttft_p50_ms'), 0)} / {_f(r.get('ttft_p99_ms'), 0)} | "
-                     f"{_f(r.get('tpot_p50_ms'), 0)} / {_f(r.get('tpot_p99_ms'), 0)} | {pool} | {note} |")
+                     f"{_f(r.get('tpot_p50_ms'), 0)} / {_f(r.get('tpot_p99_ms'), 0)} | {pool} | {times} | {note} |")
     md.write_text("\n".join(lines) + "\n")
     try:
         import matplotlib

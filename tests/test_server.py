@@ -153,14 +153,22 @@ def test_compositions_and_merges_in_extension_fields(server, offline):
                              extra_body={"merged_adapters": {"ids": ["lora", "lora8"], "weights": [0.5, 0.5]}})
 
 
+COMPOSED = {"stack": ({"adapters": {"stack": ["lora", "bottleneck"]}}, Stack("lora", "bottleneck")),
+            "average": ({"adapters": {"average": ["ia3", "lora8"]}}, Average("ia3", "lora8")),
+            "merge": ({"merged_adapters": {"ids": ["lora", "lorab"], "weights": [0.6, 0.4]}},
+                      {"ids": ["lora", "lorab"], "weights": [0.6, 0.4]})}
+
+
 def test_32_concurrent_async_streams_each_equal_offline(server, offline):
-    setups = ["lora", "ia3", "bottleneck", "prompt", "peft", "tiny-llama", "lora8"]
+    """32 streams at once over adapters of five methods, the base, two compositions and a merge."""
+    setups = ["lora", "ia3", "bottleneck", "prompt", "peft", "tiny-llama", "lora8", "stack", "average", "merge"]
     jobs = [(PROMPTS[i % 4], setups[i % len(setups)]) for i in range(32)]
 
-    async def one(c, prompt, model):
+    async def one(c, prompt, setup):
+        extra, model = (COMPOSED[setup][0], "tiny-llama") if setup in COMPOSED else ({}, setup)
         text = ""
         async for ch in await c.completions.create(model=model, prompt=prompt, stream=True,
-                                                   extra_body=IGNORE_EOS, **GREEDY):
+                                                   extra_body={**IGNORE_EOS, **extra}, **GREEDY):
             text += ch.choices[0].text if ch.choices else ""
         return text
 
@@ -172,8 +180,9 @@ def test_32_concurrent_async_streams_each_equal_offline(server, offline):
             await c.close()
 
     got = asyncio.run(all_of())
-    for (prompt, model), text in zip(jobs, got):
-        assert text == expected(offline, prompt, None if model == "tiny-llama" else model).text, (prompt, model)
+    for (prompt, setup), text in zip(jobs, got):
+        ref = COMPOSED[setup][1] if setup in COMPOSED else None if setup == "tiny-llama" else setup
+        assert text == expected(offline, prompt, ref).text, (prompt, setup)
 
 
 def test_store_versions_by_name_at_version(server, offline, files):
