@@ -8,6 +8,14 @@ adapters are measured against), and :func:`evaluate`; for causal language models
 
 Texts are tokenized once; batches are padded to their longest row. Shuffling, dropout
 and the head's initialisation follow ``seed``.
+
+Run as several processes (``polyadapter train --processes N``, or ``accelerate launch
+--multi_gpu --num_processes N`` / ``torchrun`` of a script calling these), both training
+loops are data parallel: the model runs under DDP over the adapter's parameters only,
+each process takes its share of every batch (``batch_size`` stays the global batch) and
+the loss is scaled so the averaged gradient is the global batch's (polyadapter.distributed).
+Dropout draws differ between processes, so with dropout on, a run is not bit-equal to a
+one-process run.
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import DataError, TextDataset
+from .distributed import launched
 
 
 def _tokenize(data: TextDataset, tokenizer, max_length: int) -> list[dict]:
@@ -55,6 +64,8 @@ def fit(model: nn.Module, params: list[nn.Parameter], train: TextDataset, tokeni
 
     if len(train) == 0:
         raise DataError(f"{train.name or 'data'}: cannot train on an empty data set")
+    replicas = launched()  # None in one process
+    net = replicas.wrap(model) if replicas else model
     device = _device(model)
     rows = _tokenize(train, tokenizer, max_length)
     steps_per_epoch = math.ceil(len(rows) / batch_size)
@@ -66,20 +77,27 @@ def fit(model: nn.Module, params: list[nn.Parameter], train: TextDataset, tokeni
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
     losses, start = [], time.perf_counter()
-    bar = tqdm(total=total, desc=desc, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, desc=desc, disable=not progress or bool(replicas and not replicas.main), unit="step",
+               dynamic_ncols=True)
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(rows), generator=generator).tolist()
         for b in range(0, len(order), batch_size):
             idx = order[b:b + batch_size]
-            inputs, labels = _batch([rows[i] for i in idx], [train.labels[i] for i in idx], tokenizer, device)
-            loss = F.cross_entropy(_logits(model, inputs).float(), labels)
+            if replicas is None:
+                inputs, labels = _batch([rows[i] for i in idx], [train.labels[i] for i in idx], tokenizer, device)
+                loss = F.cross_entropy(_logits(model, inputs).float(), labels)
+            else:  # this process's rows; DDP averages, so scale the sum to the global batch's mean
+                mine, weight = replicas.rows(idx)
+                inputs, labels = _batch([rows[i] for i in mine], [train.labels[i] for i in mine], tokenizer, device)
+                loss = F.cross_entropy(_logits(net, inputs).float(), labels, reduction="sum") * (
+                    weight * replicas.world / len(idx))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
-            losses.append(loss.item())
+            losses.append(loss.item() if replicas is None else replicas.mean(loss.item()))
             bar.update(1)
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     bar.close()
@@ -88,6 +106,7 @@ def fit(model: nn.Module, params: list[nn.Parameter], train: TextDataset, tokeni
     return {
         "train_size": len(train), "epochs": epochs, "steps": total, "lr": lr, "batch_size": batch_size,
         "max_length": max_length, "seed": seed, "weight_decay": weight_decay,
+        **({"processes": replicas.world} if replicas else {}),
         "train_loss": sum(losses[-steps_per_epoch:]) / len(losses[-steps_per_epoch:]),
         "train_seconds": round(time.perf_counter() - start, 2),
     }
@@ -201,20 +220,23 @@ def train_lm_adapter(pm, name: str, texts: list, tokenizer, epochs: int = 1, lr:
     per_epoch = math.ceil(len(texts) / batch_size)
     total = steps if steps is not None else epochs * per_epoch
     params = pm.train_adapter(name)
+    replicas = launched()  # None in one process
+    net = replicas.wrap(pm) if replicas else pm
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr)
     losses, start = [], time.perf_counter()
-    bar = tqdm(total=total, desc=f"train {name}", disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, desc=f"train {name}", disable=not progress or bool(replicas and not replicas.main),
+               unit="step", dynamic_ncols=True)
     while len(losses) < total:
         order = torch.randperm(len(texts), generator=gen).tolist()
         for batch in _lm_batches([texts[i] for i in order], tokenizer, batch_size, max_length, _device(pm)):
-            loss = pm(**batch).loss
+            loss = pm(**batch).loss if replicas is None else _replica_lm_loss(net, batch, replicas)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            losses.append(loss.item())
+            losses.append(loss.item() if replicas is None else replicas.mean(loss.item()))
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if len(losses) == total:
@@ -226,9 +248,22 @@ def train_lm_adapter(pm, name: str, texts: list, tokenizer, epochs: int = 1, lr:
     metrics = {"train_loss": sum(losses[-10:]) / len(losses[-10:]), "first_loss": losses[0], "steps": len(losses),
                "seconds": time.perf_counter() - start, "examples": len(texts),
                "epochs": epochs if steps is None else round(total / per_epoch, 2),
-               "lr": lr, "batch_size": batch_size, "max_length": max_length, "seed": seed}
+               "lr": lr, "batch_size": batch_size, "max_length": max_length, "seed": seed,
+               **({"processes": replicas.world} if replicas else {})}
     pm.record(name).provenance.update({"training": metrics})
     return metrics
+
+
+def _replica_lm_loss(net: nn.Module, batch: dict, replicas) -> torch.Tensor:
+    """This process's share of a global batch's token loss, scaled so that DDP's average
+    of the gradients is the gradient of the global batch's token-mean loss."""
+    from .batches import logits_of, loss_sum
+    count = int((batch["labels"][:, 1:] != -100).sum())
+    mine, weight = replicas.rows(list(range(batch["input_ids"].shape[0])))
+    sub = {k: v[mine] for k, v in batch.items()}
+    labels = sub.pop("labels")
+    total, _ = loss_sum(logits_of(net(**sub)), labels, "causal-lm")
+    return total * (weight * replicas.world / max(count, 1))
 
 
 @torch.inference_mode()

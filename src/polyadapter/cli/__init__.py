@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]  # to re-launch (train --processes)
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         return _run(args)

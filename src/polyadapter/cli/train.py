@@ -49,6 +49,7 @@ def run_training(*, model: str, data_spec: str, config: dict, out, epochs: int, 
     version of NAME in the adapter store; the metrics then live in its provenance)."""
     from ..basemodels import classifier_head, load_classifier
     from ..data import load_dataset, split
+    from ..distributed import world_size
     from ..methods import config_from_dict, method_spec
     from ..model import AdapterModel
     from ..names import check_name
@@ -74,9 +75,12 @@ def run_training(*, model: str, data_spec: str, config: dict, out, epochs: int, 
     pm.add_adapter(name, cfg)
     counts = pm.parameter_counts(name)
     progress_kw = {"max_length": max_length, "progress": progress}
-    before = evaluate(pm, test, tokenizer, **progress_kw) if len(test) else None
+    main = _is_main()  # with several processes (--processes), the main one measures and saves
+    before = evaluate(pm, test, tokenizer, **progress_kw) if len(test) and main else None
     metrics = train_adapter(pm, name, train, tokenizer, epochs=epochs, lr=lr, batch_size=batch_size,
                             seed=seed, **progress_kw)
+    if not main:
+        return None
     after = evaluate(pm, test, tokenizer, **progress_kw) if len(test) else None
     record = pm.record(name)
     record.provenance.update({
@@ -99,11 +103,29 @@ def run_training(*, model: str, data_spec: str, config: dict, out, epochs: int, 
         "accuracy_after": after["accuracy"] if after else None, "loss_after": after["loss"] if after else None,
         "trainable_parameters": counts["adapter"], "base_parameters": counts["base"],
         "trainable_share": counts["share"], "training": metrics, "seconds": round(elapsed, 1),
-        "library_version": __version__,
+        "processes": world_size(), "library_version": __version__,
     }
     if not to_store:
         _write_json(Path(out) / METRICS_FILE, summary)
     return summary
+
+
+def _is_main() -> bool:
+    """False in the non-main processes of a launched run (RANK > 0)."""
+    import os
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def relaunch_if_asked(args) -> int | None:
+    """``--processes N`` (N > 1) outside a launched run: run this same command as N
+    processes through accelerate's launcher and return its exit code; else None."""
+    from ..distributed import relaunch, world_size
+    if getattr(args, "processes", 1) <= 1 or world_size() > 1:
+        return None
+    if args.batch_size % args.processes:
+        raise CLIError(f"--batch-size {args.batch_size} must be a multiple of --processes {args.processes} "
+                       f"(the batch size is the global batch, split evenly)")
+    return relaunch(args.processes, args.argv)
 
 
 def _where(method: str, sites: int, level: str | None, saved: list[str] | None) -> str:
@@ -153,6 +175,9 @@ def cmd_quickstart(args) -> int:
 def cmd_train(args) -> int:
     config = _read_config(args.config)
     config.update(_parse_set(args.set))
+    code = relaunch_if_asked(args)
+    if code is not None:
+        return code
     if args.task == "causal-lm":
         return cmd_train_lm(args, config)
     given = [o for o, v in (("--steps", args.steps), ("--rank", args.rank)) if v is not None]
@@ -171,6 +196,8 @@ def cmd_train(args) -> int:
         test_size=args.test_size, seed=args.seed, progress=not args.quiet, text_column=args.text_column,
         label_column=args.label_column, format=args.format, overwrite=args.overwrite, name=args.name,
         store=args.store)
+    if summary is None:  # a non-main process of --processes N: the main one reports
+        return 0
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -253,6 +280,10 @@ def add_parsers(sub) -> None:
     t.add_argument("--format", choices=("native", "peft"), default="native", help="adapter file format")
     t.add_argument("--overwrite", action="store_true", help="replace OUT/adapter if it exists")
     t.add_argument("--json", action="store_true", help="print the summary as JSON")
+    t.add_argument("--processes", type=count(1, 1024), default=1,
+                   help="train data parallel in N processes on this machine: DDP over the adapter's parameters "
+                        "through accelerate's launcher (gloo on CPU, NCCL on GPUs, one GPU per process); "
+                        "--batch-size is the global batch (default: 1)")
     _add_run_args(t, {**QUICKSTART, "train_size": None, "test_size": 0.2}, {"causal-lm": LM_HELP})
     lm = t.add_argument_group("causal-lm (--task causal-lm)")
     lm.add_argument("--steps", type=count(1, 10_000_000),

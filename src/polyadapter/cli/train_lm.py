@@ -4,6 +4,7 @@ to a run folder or the adapter store."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -66,6 +67,8 @@ def run_lm_training(*, model: str, data_spec: str, config: dict, out, epochs: in
     counts = pm.parameter_counts(name)
     metrics = train_lm_adapter(pm, name, rows, tokenizer, epochs=epochs or 1, steps=steps, lr=lr,
                                batch_size=batch_size, max_length=max_length, seed=seed, progress=progress)
+    if metrics.get("processes", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return None  # --processes N: the main process saves and reports
     record = pm.record(name)
     record.provenance.update({
         "task": "causal-lm", "base_model": str(model) if str(model) == "smollm2" else str(Path(model).resolve()),
@@ -121,6 +124,8 @@ def cmd_train_lm(args, config: dict) -> int:
         model=args.model, data_spec=args.data, config=config, out=args.out, epochs=args.epochs, steps=args.steps,
         lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
         progress=not args.quiet, format=args.format, overwrite=args.overwrite, name=args.name, store=args.store)
+    if summary is None:
+        return 0
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
