@@ -364,7 +364,7 @@ def main(argv=None) -> int:
                           "dtype": dtype_name, "requests": n_req, "max_num_seqs": args.max_num_seqs}
                 results = {}
                 try:
-                    results["engine_offline"] = run_engine(pm, tok, reqs, len(used), args.slots, store, sizes,
+                    results["engine_offline"] = run_engine(pm, tok, reqs, c["distinct"], args.slots, store, sizes,
                                                            base_bytes, args)
                 except Exception as e:  # noqa: BLE001
                     results["engine_offline"] = {"error": f"{type(e).__name__}: {e}"}
