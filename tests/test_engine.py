@@ -371,3 +371,20 @@ def test_unregister_refuses_what_is_in_use_and_frees_the_rest(tmp_path):
         assert "l8" not in pm.adapters and "l8" not in engine.pool.sources
         with pytest.raises(pa.errors.AdapterNameError, match="no adapter named 'l8'"):
             engine.submit([3], "l8")
+
+
+def test_a_name_registered_again_never_gets_the_old_adapters_read(tmp_path):
+    """Unregistering drops a read (and prepared parts) still in the pool's hands, so the
+    same name registered from another folder serves the new weights."""
+    src = zoo("llama")
+    folders = _saved_library(src, tmp_path, ["la", "lb"])
+    pm = pa.AdapterModel(make_model("llama"))
+    with Engine(pm, start=False, kv_cache_tokens=1024) as engine:
+        engine.register_adapter("x", folders["la"])
+        engine.pool.prefetch(["x"])
+        engine.pool._loading["x"].result(timeout=60)   # read and prepared, not yet installed
+        engine.pool.unregister("x")
+        engine.register_adapter("x", folders["lb"])
+        got = engine.generate([[3, 4, 5]], ["x"], GREEDY)[0].token_ids
+    assert got == reference(src, [3, 4, 5], "lb", 6)
+    assert got != reference(src, [3, 4, 5], "la", 6)

@@ -195,7 +195,9 @@ class AdapterPool:
             raise PolyAdapterError(f"adapter {name!r} was installed before the engine started; it stays")
         if name in self.device:
             self._evict(name)
-        self.host.pop(name, None)
+        with self._lock:  # a read or prepare still running is dropped: a new adapter of this name reads afresh
+            self.host.pop(name, None)
+            self._loading.pop(name, None)
         self.wanted.pop(name, None)
         del self.sources[name]
 

@@ -58,6 +58,7 @@ class Server:
     metrics: Metrics
     started: float = field(default_factory=time.time)
     aliases: dict = field(default_factory=dict)   # ``NAME@VERSION`` -> the engine's adapter name
+    settling: set = field(default_factory=set)    # tasks that free admission slots when requests end
 
 
 def create_app(engine, settings: Settings) -> FastAPI:

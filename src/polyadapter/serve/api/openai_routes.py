@@ -106,10 +106,9 @@ def _visible(server, name: str, scope, param: str) -> str:
         alias = "v-" + name.replace("@", "-")[:60]
         try:
             engine.register_adapter(alias, f"store:{name}")
-        except AdapterNameError:
-            pass  # registered by a concurrent request
         except PolyAdapterError:
-            raise APIError(404, f"The model '{name}' does not exist.", param, "model_not_found") from None
+            if alias not in engine.adapters():  # else registered by a concurrent request
+                raise APIError(404, f"The model '{name}' does not exist.", param, "model_not_found") from None
         server.aliases[name] = alias
         return alias
     raise APIError(404, f"The model '{name}' does not exist.", param, "model_not_found")
@@ -210,13 +209,20 @@ def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
 
 async def _run(server, request: Request, body, kind: str, prefix: str, prompts, setup, params):
     n = len(prompts) * body.n
-    server.admission.enter(n)
+    try:
+        server.admission.enter(n)
+    except APIError:
+        server.metrics.requests.labels("rejected").inc()
+        raise
     try:
         handles = _submit(server, prompts, setup, params, body.n)
     except BaseException:
         server.admission.leave(n)
         server.metrics.requests.labels("rejected").inc()
         raise
+    task = asyncio.ensure_future(_settle(server, handles, n))
+    server.settling.add(task)
+    task.add_done_callback(server.settling.discard)
     meta = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
@@ -225,7 +231,7 @@ async def _run(server, request: Request, body, kind: str, prefix: str, prompts, 
     try:
         outputs = await _wait(request, handles)
     finally:
-        _done(server, handles, n)
+        _cancel(handles)
     failed = [o for o in outputs if o.finish_reason == "error"]
     if failed:  # a merge the adapters do not allow is the request's fault; an unreadable adapter is not
         raise APIError(400 if isinstance(setup, dict) else 500, f"the request failed in the engine: "
@@ -238,18 +244,23 @@ async def _run(server, request: Request, body, kind: str, prefix: str, prompts, 
                       "total_tokens": prompt_tokens + completion}}
 
 
-def _done(server, handles, n: int) -> None:
+def _cancel(handles) -> None:
     for h in handles:
         if not h.done:
             h.cancel()
-    server.admission.leave(n)
-    for h in handles:
-        if h.done:
-            out = h.result(timeout=0)
-            server.metrics.requests.labels(out.finish_reason).inc()
-            server.metrics.observe(out)
-        else:
-            server.metrics.requests.labels("cancelled").inc()
+
+
+async def _settle(server, handles, n: int) -> None:
+    """When every handle has finished (or been cancelled): free the admission slots and
+    record the outcomes. Runs as its own task, so a response that never started
+    streaming (its client gone at once) still gives its slots back."""
+    try:
+        outs = await asyncio.gather(*(h.aresult() for h in handles))
+    finally:
+        server.admission.leave(n)
+    for out in outs:
+        server.metrics.requests.labels(out.finish_reason).inc()
+        server.metrics.observe(out)
 
 
 async def _wait(request: Request, handles):
@@ -361,4 +372,4 @@ async def _stream(server, handles, kind: str, meta: dict, usage: bool, n: int):
     finally:  # also when the client went away: cancel what still runs
         for t in tasks:
             t.cancel()
-        _done(server, handles, len(handles))
+        _cancel(handles)
