@@ -43,6 +43,8 @@ def add_parsers(sub) -> None:
                    help="refuse LoRA adapters of a higher rank (load_lora_adapter answers 400)")
     s.add_argument("--kv-cache-gb", type=number(0.01, 1024), default=1.0, help="KV cache memory")
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    s.add_argument("--replicas", type=count(1, 64), default=1,
+                   help="engine replicas on a local Ray Serve instance (needs polyadapter[cluster])")
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=run)
 
@@ -110,6 +112,9 @@ def build(args):
 
 
 def run(args) -> int:
+    if getattr(args, "replicas", 1) > 1:
+        from ..serve.replicas import run as run_replicas
+        return run_replicas(args, build)
     import uvicorn
 
     from ..serve.api import create_app
