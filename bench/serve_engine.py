@@ -259,6 +259,21 @@ def cases(args) -> list[dict]:
     return out
 
 
+def load_base(dtype_name: str, work: Path, for_vllm: bool):
+    """The packaged SmolLM2 in ``dtype_name`` for a benchmark run: (model, tokenizer,
+    AdapterModel, base weight bytes, plain folder for vLLM (written when ``for_vllm``),
+    vocabulary size)."""
+    from polyadapter.basemodels import load_smollm2
+    model, tok = load_smollm2(getattr(torch, dtype_name))
+    model.generation_config.eos_token_id = None
+    pm = pa.AdapterModel(model)
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model_dir = work / f"smollm2-{dtype_name}"
+    if for_vllm:
+        save_plain_model(model, tok, model_dir)
+    return model, tok, pm, base_bytes, model_dir, model.get_input_embeddings().weight.shape[0]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a smoke version in a few minutes")
@@ -276,22 +291,13 @@ def main(argv=None) -> int:
     set_threads(args.threads)
     n_req = args.requests or (16 if args.quick else 64)
     prompt_range, output_range = lengths(args.quick)
-    from polyadapter.basemodels import load_smollm2
     from polyadapter.store import Store
     OUT_DIR.mkdir(exist_ok=True)
     rows = []
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     try:
         for dtype_name in args.dtype.split(","):
-            dtype = getattr(torch, dtype_name)
-            model, tok = load_smollm2(dtype)
-            model.generation_config.eos_token_id = None
-            pm = pa.AdapterModel(model)
-            base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-            model_dir = work / f"smollm2-{dtype_name}"
-            if not args.no_vllm:
-                save_plain_model(model, tok, model_dir)
-            vocab = model.get_input_embeddings().weight.shape[0]
+            _, tok, pm, base_bytes, model_dir, vocab = load_base(dtype_name, work, not args.no_vllm)
             baseline: dict = {}
             for c in cases(args):
                 if args.only and c["case"] not in args.only.split(","):
@@ -337,7 +343,7 @@ def main(argv=None) -> int:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                 shutil.rmtree(case_dir, ignore_errors=True)
-            pm = model = None  # free this dtype's model before the next
+            pm = None  # free this dtype's model before the next
     finally:
         shutil.rmtree(work, ignore_errors=True)
     name = "serve_engine_quick" if args.quick else "serve_engine"

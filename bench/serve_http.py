@@ -51,14 +51,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT_DIR, env_info, set_threads  # noqa: E402
-from serve_engine import (VLLM_PY, lengths, make_adapters, percentile, run_engine,  # noqa: E402
-                          save_plain_model, with_arrivals, workload)
+from serve_engine import (VLLM_PY, lengths, load_base, make_adapters, percentile, run_engine,  # noqa: E402
+                          with_arrivals, workload)
 
-import polyadapter as pa  # noqa: E402
 
 HOST = "127.0.0.1"
 MODEL_ID = "smollm2"          # the base's id on both servers
@@ -329,7 +327,6 @@ def main(argv=None) -> int:
     set_threads(args.threads)
     n_req = args.requests or (16 if args.quick else 64)
     prompt_range, output_range = lengths(args.quick)
-    from polyadapter.basemodels import load_smollm2
     from polyadapter.store import Store
     OUT_DIR.mkdir(exist_ok=True)
     rows = []
@@ -337,14 +334,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="serve-http-bench-"))
     try:
         for dtype_name in args.dtype.split(","):
-            model, tok = load_smollm2(getattr(torch, dtype_name))
-            model.generation_config.eos_token_id = None
-            pm = pa.AdapterModel(model)
-            base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-            model_dir = work / f"smollm2-{dtype_name}"
-            if not args.no_vllm:
-                save_plain_model(model, tok, model_dir)
-            vocab = model.get_input_embeddings().weight.shape[0]
+            _, tok, pm, base_bytes, model_dir, vocab = load_base(dtype_name, work, not args.no_vllm)
             offline_rps: dict = {}
             for c in cases(args):
                 if args.only and c["case"] not in args.only.split(","):
@@ -414,7 +404,7 @@ def main(argv=None) -> int:
                 print(f"# {c['case']} ({dtype_name}): {time.perf_counter() - t_case:.0f} s", file=sys.stderr,
                       flush=True)
                 shutil.rmtree(case_dir, ignore_errors=True)
-            pm = model = None
+            pm = None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     name = "serve_http_quick" if args.quick else "serve_http"
