@@ -72,8 +72,8 @@ def build_folder(root: Path) -> dict:
 class Server:
     """``polyadapter serve ARGS`` in a subprocess; ``url`` once it answers /health."""
 
-    def __init__(self, args: list[str], timeout: float = 120):
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    def __init__(self, args: list[str], timeout: float = 120, env: dict | None = None):
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen([sys.executable, "-m", "polyadapter", "serve", "--host", "127.0.0.1",
                                       "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env=env)

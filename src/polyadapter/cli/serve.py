@@ -44,7 +44,11 @@ def add_parsers(sub) -> None:
     s.add_argument("--kv-cache-gb", type=number(0.01, 1024), default=1.0, help="KV cache memory")
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     s.add_argument("--replicas", type=count(1, 64), default=1,
-                   help="engine replicas on a local Ray Serve instance (needs polyadapter[cluster])")
+                   help="engine replicas on Ray Serve (needs polyadapter[cluster]); a local Ray instance "
+                        "unless --ray-address")
+    s.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="with --replicas: join this Ray cluster (e.g. HEAD_IP:6379 or auto) instead of "
+                        "starting a local one")
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=run)
 
@@ -112,7 +116,7 @@ def build(args):
 
 
 def run(args) -> int:
-    if getattr(args, "replicas", 1) > 1:
+    if getattr(args, "replicas", 1) > 1 or getattr(args, "ray_address", None):
         from ..serve.replicas import run as run_replicas
         return run_replicas(args, build)
     import uvicorn
