@@ -88,7 +88,9 @@ def loaded(request):
 def test_parity_with_adapters(loaded):
     kind, pm, inputs, ref = loaded
     pm.set_active(None)
-    assert (outputs(pm, inputs)[0] - ref["base"]).abs().max() == 0
+    # the same weights and inputs: equal up to fp32 rounding (MKL's results depend on the
+    # buffers' alignment, so even one process gave 7e-9 once its imports changed)
+    assert (outputs(pm, inputs)[0] - ref["base"]).abs().max() <= 1e-6
     worst = {}
     for case, setup in SETUPS.items():
         if (kind, case) in SKIP:

@@ -239,6 +239,7 @@ def test_torch_segment_strategy_matches_gather_strategy(L, with_out, loop_rows, 
     or through one matmul per run of a slot) give the same LoRA update, including
     empty slots, unsorted rows and a batch of one adapter."""
     monkeypatch.setattr(torch_ops, "_LOOP_ROWS", loop_rows)
+    monkeypatch.setattr(torch_ops, "_FAST_ROWS", loop_rows)
     g = torch.Generator().manual_seed(11)
     n, k, r, m, S = 9, 32, 8, 24, 6
     x = torch.randn(n, L, k, generator=g)

@@ -21,6 +21,10 @@ _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # SmolLM2's widths, rank 16, 2 threads: one slot for 32 rows 66 vs 102 us, 8 slots for
 # 300 rows 490 vs 765 us; 4 slots for 32 rows 183 vs 162 us).
 _LOOP_ROWS = 24
+# Rows per slot from which the in-place per-run path (rows already in slot order, see
+# ``_runs_into``) beats grouped_mm: 6 slots for 16 rows 112-120 vs 141-215 us, 16 slots
+# for 16 rows 155-202 vs 137-211 us (SmolLM2's widths, rank 16, 2 threads; noisy).
+_FAST_ROWS = 2
 
 
 def gathered_linear(x, weight, slot, bias=None, scale=None, out=None):
@@ -63,8 +67,9 @@ def _segments_pay(x, A, B, slot, out) -> bool:
 
 
 def segment_plan(slot: torch.Tensor, banks: int, L: int) -> tuple:
-    """(used slots or None, slots to use, row order, group offsets, token order) for rows
-    of ``L`` tokens choosing among ``banks`` slots. Host-side work (unique, argsort,
+    """(used slots or None, slots to use, row order, group offsets, token order, runs) for
+    rows of ``L`` tokens choosing among ``banks`` slots; runs are ``([(group, start,
+    end)], per-run matmuls pay, the in-place per-run path pays)`` or None. Host-side work (unique, argsort,
     bincount) done once per row-slot tensor and reused by every site that shares it: a
     mixed batch's row plan hands the same ``slot`` tensor to all sites of one structure,
     so this runs once per call rather than once per site."""
@@ -85,10 +90,13 @@ def segment_plan(slot: torch.Tensor, banks: int, L: int) -> tuple:
             order = tokens = None
         else:
             tokens = order if L == 1 else (order[:, None] * L + torch.arange(L, device=slot.device)).flatten()
-        runs = None
-        if used.numel() == 1 or slot.shape[0] * L >= _LOOP_ROWS * used.numel():  # few, long groups: mm each
+        runs, rows, count = None, slot.shape[0] * L, used.numel()
+        if count == 1 or rows >= min(_LOOP_ROWS, _FAST_ROWS) * count:  # few, long groups: mm each
             ends = offs.tolist()
             runs = [(g, a, b) for g, (a, b) in enumerate(zip([0] + ends[:-1], ends)) if b > a]
+            loop = count == 1 or rows >= _LOOP_ROWS * count
+            fast = tokens is None and (count == 1 or rows >= _FAST_ROWS * count)
+            runs = (runs, loop, fast)
         plans[key] = (pick, s, order, offs, tokens, runs)
     return plans[key]
 
@@ -96,11 +104,18 @@ def segment_plan(slot: torch.Tensor, banks: int, L: int) -> tuple:
 def _lora_segments(x, A, B, slot, scale, out):
     n, L, _ = x.shape
     pick, slot, order, offs, tokens, runs = segment_plan(slot, A.shape[0], L)
+    xs = x.reshape(n * L, -1)
+    runs, loop, fast = runs or (None, False, False)
+    if (fast and out is not None and not isinstance(pick, torch.Tensor) and not torch.is_grad_enabled()
+            and x.dtype == A.dtype == B.dtype == out.dtype):
+        _runs_into(xs, out.view(n * L, -1), (A, B, scale), runs, 0 if pick is None else pick.start)
+        return out
+    if not loop:
+        runs = None
     if isinstance(pick, slice):
         A, B, scale = A[pick], B[pick], scale[pick]
     elif pick is not None:
         A, B, scale = A.index_select(0, pick), B.index_select(0, pick), scale.index_select(0, pick)
-    xs = x.reshape(n * L, -1)
     if tokens is not None:
         xs = xs.index_select(0, tokens)
     if runs is not None:
@@ -136,3 +151,36 @@ def _runs_matmul(xs, A, B, scale, runs):
         h = torch.mm(xs[a:b], A[g].t().to(xs.dtype)).mul_(scale[g].to(xs.dtype))
         torch.mm(h, B[g].t().to(h.dtype), out=d[a:b])
     return d
+
+
+def _runs_into(xs, out, bank, runs, first: int) -> None:
+    """Adds the LoRA delta of rows already in slot order to ``out`` in place, one
+    ``mm`` and one ``addmm_`` per run, with each slot's transposed weights and scale
+    taken from views made once per bank (see ``_slot_views``): the fewest operator
+    calls per site, which is what a decode step's tiny matmuls cost on CPU."""
+    views = _slot_views(*bank)
+    if len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == xs.shape[0]:  # one adapter for every row
+        At, Bt, s = views(first + runs[0][0])
+        out.addmm_(torch.mm(xs, At).mul_(s), Bt)
+        return
+    for g, a, b in runs:
+        At, Bt, s = views(first + g)
+        out[a:b].addmm_(torch.mm(xs[a:b], At).mul_(s), Bt)
+
+
+def _slot_views(A, B, scale):
+    """``slot -> (A[slot].T, B[slot].T, scale[slot])`` as views of the bank, made once
+    and kept on ``A`` for as long as the bank's tensors are the same objects (installs
+    write slots in place, which views see)."""
+    held = A.__dict__.get("_polyadapter_views")
+    if held is None or held[0] is not B or held[1] is not scale:
+        held = (B, scale, {})
+        A.__dict__["_polyadapter_views"] = held
+    cache = held[2]
+
+    def views(slot: int):
+        v = cache.get(slot)
+        if v is None:
+            v = cache[slot] = (A[slot].t(), B[slot].t(), scale[slot])
+        return v
+    return views
