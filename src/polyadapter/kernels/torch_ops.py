@@ -154,33 +154,15 @@ def _runs_matmul(xs, A, B, scale, runs):
 
 
 def _runs_into(xs, out, bank, runs, first: int) -> None:
-    """Adds the LoRA delta of rows already in slot order to ``out`` in place, one
-    ``mm`` and one ``addmm_`` per run, with each slot's transposed weights and scale
-    taken from views made once per bank (see ``_slot_views``): the fewest operator
-    calls per site, which is what a decode step's tiny matmuls cost on CPU."""
-    views = _slot_views(*bank)
+    """Adds the LoRA delta of rows already in slot order to ``out`` in place: per run of
+    one slot, ``out[run] += (x[run] @ A[slot].T * scale[slot]) @ B[slot].T`` as one
+    ``mm``, one ``mul_`` and one ``addmm_`` on views of the bank (nothing is cached on
+    the bank's tensors: a view kept on its own base would keep the bank alive)."""
+    A, B, scale = bank
     if len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == xs.shape[0]:  # one adapter for every row
-        At, Bt, s = views(first + runs[0][0])
-        out.addmm_(torch.mm(xs, At).mul_(s), Bt)
+        g = first + runs[0][0]
+        out.addmm_(torch.mm(xs, A[g].t()).mul_(scale[g]), B[g].t())
         return
     for g, a, b in runs:
-        At, Bt, s = views(first + g)
-        out[a:b].addmm_(torch.mm(xs[a:b], At).mul_(s), Bt)
-
-
-def _slot_views(A, B, scale):
-    """``slot -> (A[slot].T, B[slot].T, scale[slot])`` as views of the bank, made once
-    and kept on ``A`` for as long as the bank's tensors are the same objects (installs
-    write slots in place, which views see)."""
-    held = A.__dict__.get("_polyadapter_views")
-    if held is None or held[0] is not B or held[1] is not scale:
-        held = (B, scale, {})
-        A.__dict__["_polyadapter_views"] = held
-    cache = held[2]
-
-    def views(slot: int):
-        v = cache.get(slot)
-        if v is None:
-            v = cache[slot] = (A[slot].t(), B[slot].t(), scale[slot])
-        return v
-    return views
+        g += first
+        out[a:b].addmm_(torch.mm(xs[a:b], A[g].t()).mul_(scale[g]), B[g].t())
