@@ -228,7 +228,7 @@ def test_pool_smaller_than_the_adapters_in_flight_loads_and_evicts(tmp_path):
         assert len(pm.adapters) <= 2
         # every install used a plan the reader thread built and checked (evicted ones again)
         assert len(stats.prepare_ms) == stats.installs > 6
-    assert [x.token_ids for x in got] == want
+    assert [x.token_ids for x in got] == want, [(x.finish_reason, x.error) for x in got]
 
 
 def test_loads_while_requests_run_never_mix_weights(tmp_path):
