@@ -36,10 +36,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ray(*args, env=None, **kw):
+def _ray_exe() -> str:
+    """The ``ray`` command of this venv (else the one on PATH)."""
     exe = Path(sys.executable).with_name("ray")
-    return subprocess.run([str(exe if exe.exists() else shutil.which("ray")), *args], capture_output=True,
-                          text=True, timeout=120, env=dict(os.environ, **(env or {})), **kw)
+    return str(exe) if exe.exists() else shutil.which("ray")
+
+
+def _ray(*args, env=None, **kw):
+    return subprocess.run([_ray_exe(), *args], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, **(env or {})), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +54,7 @@ def cluster():
     port = _free_port()
     env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keep Ray on the loopback (see serve/replicas.py)
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    exe = Path(sys.executable).with_name("ray")
-    head = subprocess.Popen([str(exe if exe.exists() else shutil.which("ray")), "start", "--head", "--block",
+    head = subprocess.Popen([_ray_exe(), "start", "--head", "--block",
                              "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
                              "--include-dashboard", "false", "--disable-usage-stats"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, **env))

@@ -103,6 +103,17 @@ async def call_app(app, method: str, url: str, headers: dict, body: bytes):
             task.cancel()
 
 
+async def collect(app, method: str, url: str, headers: dict, body: bytes) -> tuple[int, dict, bytes]:
+    """The whole answer of :func:`call_app`: (status, headers, body)."""
+    status, out, chunks = 500, {}, []
+    async for part in call_app(app, method, url, headers, body):
+        if isinstance(part, tuple):
+            status, out = part
+        else:
+            chunks.append(part)
+    return status, out, b"".join(chunks)
+
+
 def _deployments(replicas: int, slots: int):
     """The two Ray Serve deployments (defined here so ray is imported only when used)."""
     from ray import serve
@@ -134,10 +145,7 @@ def _deployments(replicas: int, slots: int):
             async with self.lock:
                 while self.replayed < len(log):
                     path, headers, body = log[self.replayed]
-                    status = None
-                    async for part in call_app(self.app, "POST", path, headers, body):
-                        if isinstance(part, tuple):
-                            status = part[0]
+                    status = (await collect(self.app, "POST", path, headers, body))[0]
                     if status != 200 and self._pending(path, body):
                         return
                     self.replayed += 1
@@ -152,26 +160,23 @@ def _deployments(replicas: int, slots: int):
                 return False
             return name in self.engine.adapters()
 
-        async def __call__(self, method: str, url: str, headers: dict, body: bytes, log: list):
+        async def _before(self, log: list) -> None:
+            """What every forwarded request waits for: the admin log replayed, and the
+            request's adapter known here as a multiplexed model."""
             await self._catch_up(log)
             model_id = serve.get_multiplexed_model_id()
             if model_id:
                 await self.adapter(model_id)
-            status, out, chunks = 500, {}, []
-            async for part in call_app(self.app, method, url, headers, body):
-                if isinstance(part, tuple):
-                    status, out = part
-                else:
-                    chunks.append(part)
+
+        async def __call__(self, method: str, url: str, headers: dict, body: bytes, log: list):
+            await self._before(log)
+            status, out, content = await collect(self.app, method, url, headers, body)
             out[REPLICA_HEADER] = self.pid
-            return status, out, b"".join(chunks)
+            return status, out, content
 
         async def stream(self, method: str, url: str, headers: dict, body: bytes, log: list):
             """Like ``__call__``, but yields ``(status, headers)`` and then each chunk."""
-            await self._catch_up(log)
-            model_id = serve.get_multiplexed_model_id()
-            if model_id:
-                await self.adapter(model_id)
+            await self._before(log)
             async for part in call_app(self.app, method, url, headers, body):
                 if isinstance(part, tuple):
                     part[1][REPLICA_HEADER] = self.pid
