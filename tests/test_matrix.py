@@ -314,6 +314,17 @@ def test_generate_keeps_the_active_adapter_at_every_step(llama):
     assert torch.equal(pm.generate(**prompt, max_new_tokens=6, do_sample=False), bare)
 
 
+def test_all_linear_skips_the_output_layer_even_while_another_adapter_wraps_it():
+    """The site set of 'all-linear' must not depend on what else is installed: a pool
+    that plans an adapter while another one holds lm_head must find the saved sites."""
+    pm = pa.AdapterModel(make_model("llama"))
+    pm.add_adapter("alone", {"method": "lora", "r": 2, "targets": ["all-linear"]})
+    pm.add_adapter("head", {"method": "lora", "r": 2, "targets": ["lm_head"]})
+    pm.add_adapter("after", {"method": "lora", "r": 2, "targets": ["all-linear"]})
+    sites = {n: pm.state.adapters[n].sites for n in ("alone", "after")}
+    assert "lm_head" not in sites["alone"] and sites["after"] == sites["alone"]
+
+
 @pytest.mark.parametrize("case", [c for c, (_, families, _, _) in CASES.items() if "llama" in families])
 def test_a_bfloat16_base_trains_every_method(case):
     base = make_model("llama").to(torch.bfloat16)

@@ -81,9 +81,14 @@ def iter_sites_and_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple
         yield from iter_sites_and_modules(child.base if isinstance(child, Site) else child, name)
 
 
+def base_module(module):
+    """The module a Site wraps, else ``module`` itself (also for None)."""
+    return module.base if isinstance(module, Site) else module
+
+
 def original_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Canonical name -> the original (unwrapped) module."""
-    return {n: (m.base if isinstance(m, Site) else m) for n, m in iter_sites_and_modules(model)}
+    return {n: base_module(m) for n, m in iter_sites_and_modules(model)}
 
 
 def sites_of(model: nn.Module) -> dict[str, Site]:
@@ -148,7 +153,7 @@ def pattern_value(patterns: dict | None, name: str, default):
 
 def _output_layer_names(model: nn.Module, modules: dict[str, nn.Module]) -> set[str]:
     getter = getattr(model, "get_output_embeddings", None)
-    out = getter() if callable(getter) else None
+    out = base_module(getter()) if callable(getter) else None  # wrapped while another adapter acts on it
     return {n for n, m in modules.items() if out is not None and m is out}
 
 

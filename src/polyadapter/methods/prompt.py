@@ -33,7 +33,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..errors import ConfigError, PolyAdapterError, TargetError
-from ..sites import Site
+from ..sites import base_module
 from .spec import MethodSpec
 
 INITS = ("vocab", "random", "tokens")
@@ -92,7 +92,7 @@ def input_embedding_layer(model: nn.Module) -> nn.Module:
             emb = getter()
         except (NotImplementedError, AttributeError):
             emb = None
-    emb = getattr(emb, "base", emb) if isinstance(emb, Site) else emb  # e.g. an embedding with a LoRA
+    emb = base_module(emb)  # e.g. an embedding with a LoRA
     weight = getattr(emb, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise TargetError(

@@ -29,6 +29,7 @@ import torch
 
 from ..compose import ROW_LEVEL, Block, names_in, normalize, prompt_stack
 from ..errors import ConfigError, PolyAdapterError, StateError
+from ..sites import base_module
 from . import kv_cache
 from .kv_cache import AttentionPlan, BlockAllocator, PagedKV, Prefill, active_step
 from .plan import StepPlan, build
@@ -498,7 +499,7 @@ class Engine:
             ids = prompt.flatten().tolist()
         else:
             ids = list(prompt)
-        weight = getattr(self.pm.model.get_input_embeddings(), "weight", None)
+        weight = getattr(base_module(self.pm.model.get_input_embeddings()), "weight", None)
         vocab = weight.shape[0] if isinstance(weight, torch.Tensor) else None
         if not ids or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
             raise ConfigError("the prompt must be non-empty text or a non-empty list of token ids (ints >= 0)")
