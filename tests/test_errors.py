@@ -122,6 +122,26 @@ def test_nan_weights_are_refused(pm, saved):
         pm.load_adapter(saved, name="other")
 
 
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "huge"])
+def test_non_finite_check_names_the_tensor_and_admits_huge_finite_values(pm, saved, value):
+    """The load checks finiteness with one sum per tensor; finite values whose sum
+    overflows must still load, and a bad value anywhere is found and named."""
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(saved / "adapter.safetensors")
+    key = sorted(tensors)[-1]
+    if value == "huge":  # every value finite, but their sum is inf in float32
+        tensors[key].fill_(3e38)
+    else:
+        tensors[key][-1, -1] = float(value)
+    save_file(tensors, saved / "adapter.safetensors")
+    if value == "huge":
+        pm.load_adapter(saved, name="other")
+        assert torch.equal(pm.adapter_state_dict("other")[key], tensors[key])
+    else:
+        with pytest.raises(pa.LoadError, match=f"tensor {key!r} holds NaN or inf"):
+            pm.load_adapter(saved, name="other")
+
+
 def test_pickle_files_are_refused_with_a_hint(pm, tmp_path):
     folder = tmp_path / "pickled"
     folder.mkdir()
@@ -201,3 +221,12 @@ def test_wrapping_twice_is_refused(pm):
         pa.AdapterModel(pm)
     with pytest.raises(pa.StateError, match="already holds polyadapter sites"):
         pa.AdapterModel(pm.model)
+
+
+def test_plan_load_tensors_refuses_a_shape_copy_would_broadcast(pm):
+    plan = pm.plan_adapter("other", {"method": "lora", "r": 2})
+    tensors = {k: v.clone() for k, v in plan.state_dict().items()}
+    key = next(k for k in tensors if k.endswith("lora_A"))
+    tensors[key] = tensors[key][:1]  # (1, in) would broadcast over (2, in)
+    with pytest.raises(pa.ShapeMismatchError, match=r"lora_A.*shape \(1, 32\).*expects \(2, 32\)"):
+        plan.load_tensors(tensors)

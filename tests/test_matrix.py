@@ -325,6 +325,25 @@ def test_all_linear_skips_the_output_layer_even_while_another_adapter_wraps_it()
     assert "lm_head" not in sites["alone"] and sites["after"] == sites["alone"]
 
 
+def test_a_plan_filled_from_a_file_skips_random_init_in_its_own_thread_only():
+    """Loads build parts with ``filled=True`` (their tensors are copied in next): no
+    random init is spent on them, and an adapter added meanwhile in another thread
+    still starts from its random A."""
+    import threading
+    from polyadapter.methods.spec import parts_filled_later
+    pm = pa.AdapterModel(make_model("llama"))
+    config = pa.LoraConfig(r=2, targets=["all-linear"])
+    filled = pm.plan_adapter("f", config, filled=True)
+    assert all(not part.lora_A.any() for part in filled.parts.values())
+    fresh = {}
+    with parts_filled_later():  # on in this thread while the other one plans
+        worker = threading.Thread(target=lambda: fresh.update(plan=pm.plan_adapter("g", config)))
+        worker.start()
+        worker.join()
+    assert all(part.lora_A.any() for part in fresh["plan"].parts.values())
+    assert all(part.lora_A.any() for part in pm.plan_adapter("h", config).parts.values())
+
+
 @pytest.mark.parametrize("case", [c for c, (_, families, _, _) in CASES.items() if "llama" in families])
 def test_a_bfloat16_base_trains_every_method(case):
     base = make_model("llama").to(torch.bfloat16)

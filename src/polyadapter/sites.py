@@ -163,13 +163,15 @@ def resolve_targets(
     accepts: Callable[[nn.Module], bool],
     what: str,
     exclude: set[str] = frozenset(),
+    modules: dict[str, nn.Module] | None = None,
 ) -> list[str]:
     """Canonical names of modules matched by ``patterns`` that ``accepts`` admits.
 
     Raises TargetError when a pattern matches nothing (listing names that exist) or
-    when it matches only modules of a kind the method cannot act on.
+    when it matches only modules of a kind the method cannot act on. ``modules``:
+    ``original_modules(model)`` when the caller has it already.
     """
-    modules = original_modules(model)
+    modules = original_modules(model) if modules is None else modules
     for p in patterns:
         if p.startswith("re:"):
             try:

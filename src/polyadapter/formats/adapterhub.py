@@ -418,7 +418,7 @@ def load(model, path: Path, name: str | None = None):
             tensors.update({f"{module}.module.{p}": t for p, t in params.items()})
     config = config_from_file(config, str(path / CONFIG_FILE))
     try:
-        plan = model.plan_adapter(name, config)
+        plan = model.plan_adapter(name, config, filled=True)
     except PolyAdapterError as e:
         raise type(e)(f"{path}: {e}") from None
     if set(plan.record.sites) != set(form.sites):
@@ -506,7 +506,7 @@ def _load_fusion(model, path: Path, name: str | None):
     name = name or safe_name(path.resolve().name)
     try:
         config = config_from_dict(config, where=where)
-        plan = model.plan_adapter(name, config)
+        plan = model.plan_adapter(name, config, filled=True)
     except ConfigError as e:
         raise LoadError(f"{path}: {e}") from None
     except PolyAdapterError as e:

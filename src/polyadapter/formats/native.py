@@ -162,7 +162,7 @@ def _install(model, meta: dict, config, tensors: dict[str, torch.Tensor], where:
              name: str | None):
     name = name or meta.get("name")
     try:
-        plan = model.plan_adapter(name, config)
+        plan = model.plan_adapter(name, config, filled=True)
     except PolyAdapterError as e:
         raise type(e)(f"{where}: {e}") from None
     want_sites = list(meta.get("sites", []))

@@ -596,7 +596,7 @@ def load(model, path: Path, name: str | None = None):
     for config in (form.config, form.exact_config):  # exact site names when patterns do not carry over
         config = config_from_file(config, str(path / CONFIG_FILE))
         try:
-            candidate = model.plan_adapter(name, config)
+            candidate = model.plan_adapter(name, config, filled=True)
         except TargetError as e:
             errors.append(e)
             continue

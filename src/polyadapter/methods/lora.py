@@ -31,7 +31,7 @@ from ..config import AdapterConfig
 from ..errors import ConfigError
 from ..kernels import lora_delta
 from ..sites import LINEAR_TYPES, linear_dims, pattern_value
-from .spec import MethodSpec, with_preset_targets
+from .spec import MethodSpec, random_init_wanted, with_preset_targets
 
 INITS = ("default", "gaussian", "pissa")
 
@@ -116,6 +116,8 @@ class LoraPart(nn.Module):
                 self.lora_B.copy_(B0)
                 self.register_buffer("lora_A0", A0.clone())
                 self.register_buffer("lora_B0", B0.clone())
+            elif not random_init_wanted():
+                pass  # a file's tensors fill both factors next (zeros until then)
             elif self.is_embedding:
                 nn.init.normal_(self.lora_B)
             elif config.init == "gaussian":

@@ -489,7 +489,7 @@ def prepare(pm, name: str, parts: Parts):
     (sites, tensor names, shapes, finiteness) and the copy into new parameters, without
     touching the model, so the pool runs it in its reader thread, off the step loop."""
     from ..formats.files import check_tensors
-    plan = pm.plan_adapter(name, parts.config)
+    plan = pm.plan_adapter(name, parts.config, filled=True)
     if set(plan.record.sites) != set(parts.sites):
         missing = sorted(set(parts.sites) - set(plan.record.sites))
         raise LoadError(f"{parts.where}: the adapter's sites do not fit this model: saved sites not found "
