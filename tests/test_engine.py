@@ -388,3 +388,58 @@ def test_a_name_registered_again_never_gets_the_old_adapters_read(tmp_path):
         got = engine.generate([[3, 4, 5]], ["x"], GREEDY)[0].token_ids
     assert got == reference(src, [3, 4, 5], "lb", 6)
     assert got != reference(src, [3, 4, 5], "la", 6)
+
+
+def test_run_serves_in_the_calling_thread_until_stopped():
+    """``Engine.run`` (engines made with ``start=False``): the loop runs in the caller's
+    thread while another thread submits; it returns when ``stop`` is set, and refuses to
+    run beside the engine's own loop thread."""
+    pm = zoo("llama")
+    prompts, setups = _prompts(3, seed=5), ["l8", None, Stack("l4", "ia")]
+    with Engine(pm, start=False, kv_cache_tokens=1024) as engine:
+        got, stop = {}, threading.Event()
+
+        def feed():
+            try:
+                handles = [engine.submit(p, s, GREEDY) for p, s in zip(prompts, setups)]
+                got["out"] = [h.result(120).token_ids for h in handles]
+            finally:
+                stop.set()
+        feeder = threading.Thread(target=feed)
+        feeder.start()
+        engine.run(stop=stop)
+        feeder.join(timeout=60)
+        assert not feeder.is_alive() and stop.is_set()
+    assert got["out"] == [reference(pm, p, s, 6) for p, s in zip(prompts, setups)]
+    with Engine(pm, kv_cache_tokens=256) as threaded:
+        with pytest.raises(pa.errors.StateError, match="already runs its loop in thread 'polyadapter-engine'"):
+            threaded.run()
+
+
+def test_start_in_thread_builds_and_runs_the_engine_in_one_new_thread():
+    """What ``build`` returns comes back once built; the engine's loop runs in the thread
+    that built it; what ``build`` raises is raised in the caller, and a build that does not
+    return a thread-less engine is refused."""
+    from polyadapter.serve import start_in_thread
+    pm = zoo("llama")
+    built = {}
+
+    def build():
+        built["thread"] = threading.current_thread()
+        return Engine(pm, start=False, kv_cache_tokens=1024), "settings"
+    engine, extra = start_in_thread(build)
+    try:
+        assert extra == "settings" and engine._thread is built["thread"]
+        assert built["thread"] is not threading.current_thread() and built["thread"].is_alive()
+        out = engine.generate([[3, 4, 5]], ["l8"], GREEDY)[0].token_ids   # served by the loop thread
+        assert out == reference(pm, [3, 4, 5], "l8", 6)
+    finally:
+        engine.close()
+    assert not built["thread"].is_alive()
+
+    def broken():
+        raise ConfigError("no model here")
+    with pytest.raises(ConfigError, match="no model here"):
+        start_in_thread(broken)
+    with pytest.raises(ConfigError, match="must return an Engine made with start=False"):
+        start_in_thread(lambda: "not an engine")

@@ -5,9 +5,9 @@ paged KV cache and an adapter pool), its scheduler, step plan and sampler.
     engine = Engine(pm, tokenizer)
     handle = engine.submit("Hello", "my-adapter", SamplingParams(max_tokens=32))
 """
-from .engine import Engine, Handle, RequestOutput, TokenEvent
+from .engine import Engine, Handle, RequestOutput, TokenEvent, start_in_thread
 from .pool import AdapterPool, Merge
 from .sampling import RowStream, SamplingParams, find_stop, sample
 
-__all__ = ["Engine", "Handle", "RequestOutput", "TokenEvent", "AdapterPool", "Merge",
+__all__ = ["Engine", "start_in_thread", "Handle", "RequestOutput", "TokenEvent", "AdapterPool", "Merge",
            "SamplingParams", "RowStream", "sample", "find_stop"]

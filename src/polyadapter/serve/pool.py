@@ -28,7 +28,7 @@ import json
 import threading
 import time
 from collections import Counter, OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,7 @@ import torch
 from ..compose import depends_on
 from ..errors import AdapterNameError, ConfigError, LoadError, PolyAdapterError
 from ..sites import Site, original_or_site
+from .reader import Reader
 
 MERGE_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # ops.combine's names
 
@@ -148,8 +149,7 @@ class AdapterPool:
         self._tree_lock = threading.Lock()   # the model's module tree: installs vs. plans read in the reader
         self._local = threading.local()
         self.on_loaded = lambda: None   # the engine wakes its loop when a read finishes
-        self._opened: list = []
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="polyadapter-pool")
+        self._reader = Reader("polyadapter-pool", on_exit=self._close_reader_store)
         self._saved_bank_slots = pm.state.bank_slots
         pm.state.bank_slots = pm.state.bank_slots or device_slots + len(self.resident)
 
@@ -432,12 +432,18 @@ class AdapterPool:
         if store is None:
             from ..store import Store
             store = self._local.store = Store(self.store.path)
-            self._opened.append(store)
         return store
 
+    def _close_reader_store(self) -> None:
+        """In an exiting reader thread: close its store connection (SQLite connections
+        are closed in the thread that opened them)."""
+        store = getattr(self._local, "store", None)
+        if store is not None:
+            self._local.store = None
+            store.close()
+
     def close(self) -> None:
-        self._reader.submit(lambda: [store.close() for store in self._opened])  # in the thread that opened them
-        self._reader.shutdown(wait=True, cancel_futures=False)
+        self._reader.shutdown()   # its thread closes its own store connection as it exits
         self.pm.state.bank_slots = self._saved_bank_slots
 
 
