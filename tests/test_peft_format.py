@@ -102,8 +102,6 @@ LORA_FROM_PEFT = {
     "llama-layers_to_transform": ("llama", dict(r=2, target_modules=["q_proj", "v_proj"], layers_to_transform=[1])),
     "bert-exclude": ("bert", dict(r=2, target_modules=["query", "value"],
                                   exclude_modules=["bert.encoder.layer.0.attention.self.value"])),
-    # PEFT's modules_to_save rule is a bare suffix: "lassifier" saves "classifier".
-    "bert-bare-suffix-modules_to_save": ("bert", dict(r=2, target_modules=["query"], modules_to_save=["lassifier"])),
     "bert-uniform-rank_pattern": ("bert", dict(r=4, target_modules=["query", "value"], rank_pattern={"query": 4},
                                                alpha_pattern={"query": 8}, lora_alpha=8)),
     "bert-per-site-rank_pattern": ("bert", dict(r=4, target_modules=["query", "value"], rank_pattern={"value": 2},
@@ -124,6 +122,21 @@ def test_peft_lora_loads_with_peft_logits(tmp_path, case):
     assert record.provenance["source_format"] == "peft"
     assert_nontrivial(ref, kind)
     assert (ours_output(m, kind) - ref).abs().max() <= TOL
+
+
+def test_peft_bare_suffix_modules_to_save_follows_the_tensors(tmp_path):
+    """PEFT up to 0.21 matched a modules_to_save entry as a bare suffix ("lassifier" saved
+    "classifier"); 0.22 wants the whole name or a dotted suffix. A file written the old way
+    holds the classifier's tensors under an entry our dotted rule would not match: the
+    tensors decide, so it loads with PEFT's logits whichever PEFT reads this test."""
+    folder, ref = peft_folder(tmp_path / "a", "bert", peft.LoraConfig(
+        r=2, target_modules=["query"], modules_to_save=["classifier"]))
+    edit(folder, {"modules_to_save": ["lassifier"]})     # as PEFT <= 0.21 wrote it
+    m = AdapterModel(make_model("bert"))
+    record = m.load_adapter(folder)
+    assert record.config.modules_to_save
+    assert_nontrivial(ref, "bert")
+    assert (ours_output(m, "bert") - ref).abs().max() <= TOL
 
 
 IA3_FROM_PEFT = {
