@@ -234,16 +234,22 @@ if __name__ == "__main__":
 @pytest.mark.parametrize("with_out", [False, True])
 @pytest.mark.parametrize("loop_rows", [0, 10**9])   # per-slot matmuls for every run, or grouped_mm always
 @pytest.mark.parametrize("slots", ["mixed", "sorted", "one"])
-def test_torch_segment_strategy_matches_gather_strategy(L, with_out, loop_rows, slots, monkeypatch):
-    """The torch strategies (per-row gather + bmm; sorted segments through grouped_mm
-    or through one matmul per run of a slot) give the same LoRA update, including
-    empty slots, unsorted rows and a batch of one adapter."""
+@pytest.mark.parametrize("dense", [0, 10**12])     # the dense all-used-slots path never, or whenever it can
+def test_torch_segment_strategy_matches_gather_strategy(L, with_out, loop_rows, slots, dense, monkeypatch):
+    """The torch strategies (per-row gather + bmm; sorted segments through grouped_mm,
+    through one matmul per run of a slot, or through the dense path over every used
+    slot) give the same LoRA update, including empty slots, unsorted rows and a batch of
+    one adapter. B is laid out as the banks lay it out (each slot's B.T contiguous)."""
     monkeypatch.setattr(torch_ops, "_LOOP_ROWS", loop_rows)
     monkeypatch.setattr(torch_ops, "_FAST_ROWS", loop_rows)
+    monkeypatch.setattr(torch_ops, "_DENSE_MACS_PER_SLOT", dense)
+    calls = []
+    real_dense = torch_ops._dense_into
+    monkeypatch.setattr(torch_ops, "_dense_into", lambda *a: calls.append(1) or real_dense(*a))
     g = torch.Generator().manual_seed(11)
     n, k, r, m, S = 9, 32, 8, 24, 6
     x = torch.randn(n, L, k, generator=g)
-    A, B = torch.randn(S, r, k, generator=g), torch.randn(S, m, r, generator=g)
+    A, B = torch.randn(S, r, k, generator=g), torch.randn(S, r, m, generator=g).transpose(1, 2)
     slot = {"mixed": torch.tensor([5, 0, 5, 2, 2, 0, 5, 3, 0]),  # slots 1 and 4 unused
             "sorted": torch.tensor([0, 0, 2, 2, 3, 5, 5, 5, 5]),
             "one": torch.full((n,), 4)}[slots]
@@ -257,6 +263,8 @@ def test_torch_segment_strategy_matches_gather_strategy(L, with_out, loop_rows, 
     assert torch.allclose(results[True], results[False], atol=1e-4)
     loop = torch.stack([scale[s] * x[i] @ A[s].T @ B[s].T for i, s in enumerate(slot.tolist())])
     assert torch.allclose(results[True], loop + (out if with_out else 0), atol=1e-4)
+    # the dense path runs exactly where it should: an output to add into, several slots
+    assert bool(calls) == (dense > 0 and with_out and slots != "one"), calls
 
 
 def test_segment_host_work_runs_once_per_call_not_once_per_site(monkeypatch):

@@ -48,8 +48,9 @@ def gathered_linear(x, weight, slot, bias=None, scale=None, out=None):
     return backend_for(x).gathered_linear(x, weight, slot, bias=bias, scale=scale, out=out)
 
 
-def lora_delta(x, A, B, slot, scale, out=None):
+def lora_delta(x, A, B, slot, scale, out=None, cache=None):
     """LoRA for every row: ``out[i] (+)= scale[slot[i]] * x[i] @ A[slot[i]].T @ B[slot[i]].T``.
 
-    x: (n, L, in); A: (S, r, in); B: (S, out, r); slot: (n,); scale: (S,)."""
-    return backend_for(x).lora_delta(x, A, B, slot, scale, out=out)
+    x: (n, L, in); A: (S, r, in); B: (S, out, r); slot: (n,); scale: (S,). ``cache``: the
+    bank dict that holds A, B and scale, where the torch path keeps views of them."""
+    return backend_for(x).lora_delta(x, A, B, slot, scale, out=out, cache=cache)

@@ -8,9 +8,17 @@ Two strategies, chosen per call:
   multiplies each run of rows by its adapter's weight, reading every adapter's weight
   once instead of copying it per row. Used for inference when rows are short (decode),
   where copying weights per row costs more than the matmuls themselves; for long rows
-  (prefill) the gather path measured faster, even with a single adapter.
+  (prefill) the gather path measured faster, even with a single adapter. Within it, few
+  rows over several slots take the *dense* path (``_dense_into``): one matmul against
+  every slot of the bank's used range, a per-row mask that keeps each row's own slot,
+  one matmul back; its wasted arithmetic costs less than a matmul pair per slot.
+
+Banks keep each slot's ``B`` transposed in memory (``B[s].t()`` is contiguous), so the
+used range of slots is one ``(slots * r, out)`` matrix for the dense path's expand.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +33,11 @@ _LOOP_ROWS = 24
 # ``_runs_into``) beats grouped_mm: 6 slots for 16 rows 112-120 vs 141-215 us, 16 slots
 # for 16 rows 155-202 vs 137-211 us (SmolLM2's widths, rank 16, 2 threads; noisy).
 _FAST_ROWS = 2
+# The dense path (``_dense_into``) runs while its matmuls' size, rows x used-range slots
+# x r x (in + out) multiply-adds, stays under this many per used slot. At SmolLM2's
+# widths on 2 threads a matmul pair per slot costs about 25 us of dispatch, and the
+# dense matmuls run at about 30 GFLOP/s (16 rows over 6 slots: 70 vs 160 us per site).
+_DENSE_MACS_PER_SLOT = 750_000
 
 
 def gathered_linear(x, weight, slot, bias=None, scale=None, out=None):
@@ -40,9 +53,9 @@ def gathered_linear(x, weight, slot, bias=None, scale=None, out=None):
     return out + y if torch.is_grad_enabled() else out.add_(y)
 
 
-def lora_delta(x, A, B, slot, scale, out=None):
+def lora_delta(x, A, B, slot, scale, out=None, cache=None):
     if _segments_pay(x, A, B, slot, out):
-        return _lora_segments(x, A, B, slot, scale, out)
+        return _lora_segments(x, A, B, slot, scale, out, cache)
     h = torch.bmm(x, A.index_select(0, slot).transpose(1, 2).to(x.dtype))            # (n, L, r)
     h = h * scale.index_select(0, slot).to(h.dtype)[:, None, None]
     b = B.index_select(0, slot).transpose(1, 2).to(h.dtype)                           # (n, r, out)
@@ -66,13 +79,24 @@ def _segments_pay(x, A, B, slot, out) -> bool:
     return x.shape[1] <= 4  # measured (bench/mixed_batch.py): long rows run faster on the gather path
 
 
-def segment_plan(slot: torch.Tensor, banks: int, L: int) -> tuple:
-    """(used slots or None, slots to use, row order, group offsets, token order, runs) for
-    rows of ``L`` tokens choosing among ``banks`` slots; runs are ``([(group, start,
-    end)], per-run matmuls pay, the in-place per-run path pays)`` or None. Host-side work (unique, argsort,
-    bincount) done once per row-slot tensor and reused by every site that shares it: a
-    mixed batch's row plan hands the same ``slot`` tensor to all sites of one structure,
-    so this runs once per call rather than once per site."""
+class SegmentPlan(NamedTuple):
+    """How one row-slot tensor's rows meet a bank (see :func:`segment_plan`)."""
+
+    pick: object            # the used slots: a slice of the bank, their indices, or None (all)
+    slot: torch.Tensor      # each row's group within ``pick``
+    order: object           # rows sorted by group (None: already sorted)
+    offs: torch.Tensor      # group end offsets in tokens (int32, for grouped_mm)
+    tokens: object          # token order matching ``order`` (None: already sorted)
+    runs: object            # ([(group, start, end)], per-run matmuls pay, in-place runs pay) or None
+    used: int               # slots used
+    mask: object            # (tokens, groups) one-hot of each token's group when ``pick`` is a slice
+
+
+def segment_plan(slot: torch.Tensor, banks: int, L: int) -> SegmentPlan:
+    """The plan of rows of ``L`` tokens choosing among ``banks`` slots. Host-side work
+    (unique, argsort, bincount) done once per row-slot tensor and reused by every site
+    that shares it: a mixed batch's row plan hands the same ``slot`` tensor to all sites
+    of one structure, so this runs once per call rather than once per site."""
     plans = slot.__dict__.setdefault("_polyadapter_segments", {})
     key = (banks, L, slot._version)
     if key not in plans:
@@ -97,19 +121,29 @@ def segment_plan(slot: torch.Tensor, banks: int, L: int) -> tuple:
             loop = count == 1 or rows >= _LOOP_ROWS * count
             fast = tokens is None and (count == 1 or rows >= _FAST_ROWS * count)
             runs = (runs, loop, fast)
-        plans[key] = (pick, s, order, offs, tokens, runs)
+        mask = None
+        if count > 1 and not isinstance(pick, torch.Tensor):
+            token_group = s if L == 1 else s.repeat_interleave(L)
+            mask = torch.nn.functional.one_hot(token_group, groups)
+        plans[key] = SegmentPlan(pick, s, order, offs, tokens, runs, count, mask)
     return plans[key]
 
 
-def _lora_segments(x, A, B, slot, scale, out):
+def _lora_segments(x, A, B, slot, scale, out, cache=None):
     n, L, _ = x.shape
-    pick, slot, order, offs, tokens, runs = segment_plan(slot, A.shape[0], L)
+    pick, slot, order, offs, tokens, runs, used, mask = segment_plan(slot, A.shape[0], L)
     xs = x.reshape(n * L, -1)
     runs, loop, fast = runs or (None, False, False)
-    if (fast and out is not None and not isinstance(pick, torch.Tensor) and not torch.is_grad_enabled()
-            and x.dtype == A.dtype == B.dtype == out.dtype):
-        _runs_into(xs, out.view(n * L, -1), (A, B, scale), runs, 0 if pick is None else pick.start)
-        return out
+    if (out is not None and not torch.is_grad_enabled() and x.dtype == A.dtype == B.dtype == out.dtype
+            and not isinstance(pick, torch.Tensor)):
+        first = 0 if pick is None else pick.start
+        if mask is not None and n * L * mask.shape[1] * A.shape[1] * (A.shape[2] + B.shape[1]) \
+                <= _DENSE_MACS_PER_SLOT * used and A.is_contiguous() and B.transpose(1, 2).is_contiguous():
+            _dense_into(xs, out.view(n * L, -1), _views(cache, A, B, scale, ("dense", first, mask.shape[1])), mask)
+            return out
+        if fast:
+            _runs_into(xs, out.view(n * L, -1), A, B, scale, runs, first, cache)
+            return out
     if not loop:
         runs = None
     if isinstance(pick, slice):
@@ -153,16 +187,45 @@ def _runs_matmul(xs, A, B, scale, runs):
     return d
 
 
-def _runs_into(xs, out, bank, runs, first: int) -> None:
+def _views(cache, A, B, scale, key) -> tuple:
+    """Views of a bank for one slot (``key`` = ("slot", s): ``A_s.T``, ``B_s.T``, ``scale_s``)
+    or for a range of slots (("dense", first, count): ``[A_first; ...].T``, ``[B_first.T;
+    ...]``, ``scale[first:first+count]``). Kept in ``cache`` when the caller passes the bank
+    these tensors belong to (a dict that lives exactly as long as they do, and whose slots
+    are rewritten in place, so the views stay true), else made afresh. Saves a few operator
+    calls per site and step, which on CPU cost as much as the small matmuls themselves."""
+    views = None if cache is None else cache.get(key)
+    if views is None:
+        if key[0] == "slot":
+            views = (A[key[1]].t(), B[key[1]].t(), scale[key[1]])
+        else:
+            span = slice(key[1], key[1] + key[2])
+            views = (A[span].reshape(key[2] * A.shape[1], -1).t(), B[span].transpose(1, 2).reshape(key[2] * A.shape[1], -1),
+                     scale[span])
+        if cache is not None and cache.get("A") is A and cache.get("B") is B and cache.get("scale") is scale:
+            cache[key] = views
+    return views
+
+
+def _runs_into(xs, out, A, B, scale, runs, first: int, cache=None) -> None:
     """Adds the LoRA delta of rows already in slot order to ``out`` in place: per run of
     one slot, ``out[run] += (x[run] @ A[slot].T * scale[slot]) @ B[slot].T`` as one
-    ``mm``, one ``mul_`` and one ``addmm_`` on views of the bank (nothing is cached on
-    the bank's tensors: a view kept on its own base would keep the bank alive)."""
-    A, B, scale = bank
+    ``mm``, one ``mul_`` and one ``addmm_`` on views of the bank (see ``_views``)."""
     if len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == xs.shape[0]:  # one adapter for every row
-        g = first + runs[0][0]
-        out.addmm_(torch.mm(xs, A[g].t()).mul_(scale[g]), B[g].t())
+        At, Bt, sc = _views(cache, A, B, scale, ("slot", first + runs[0][0]))
+        out.addmm_(torch.mm(xs, At).mul_(sc), Bt)
         return
     for g, a, b in runs:
-        g += first
-        out[a:b].addmm_(torch.mm(xs[a:b], A[g].t()).mul_(scale[g]), B[g].t())
+        At, Bt, sc = _views(cache, A, B, scale, ("slot", first + g))
+        out[a:b].addmm_(torch.mm(xs[a:b], At).mul_(sc), Bt)
+
+
+def _dense_into(xs, out, views, mask) -> None:
+    """Adds the LoRA delta of rows in any order to ``out`` in place, for all used slots at
+    once: ``h = x @ [A_first; ...; A_last].T`` (every row against every slot of the used
+    range), each row's own slot kept and scaled by ``mask * scale``, then ``out += h @
+    [B_first.T; ...; B_last.T]``. Three operators whatever the number of slots."""
+    At, Bt, sc = views
+    h = torch.mm(xs, At)                                                        # (tokens, groups * r)
+    h.view(mask.shape[0], mask.shape[1], -1).mul_((mask * sc).unsqueeze(-1).to(h.dtype))
+    out.addmm_(h, Bt)

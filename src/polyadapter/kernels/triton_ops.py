@@ -147,11 +147,11 @@ def gathered_linear(x, weight, slot, bias=None, scale=None, out=None):
     return _launch(x, weight, slot, out, bias=bias, scale=scale, accumulate=True)
 
 
-def lora_delta(x, A, B, slot, scale, out=None):
+def lora_delta(x, A, B, slot, scale, out=None, cache=None):
     """``out[i] (+)= scale[slot[i]] * x[i] @ A[slot[i]].T @ B[slot[i]].T`` in two Triton
     launches (shrink, expand). Falls back to ``torch_ops`` when autograd needs a graph."""
     if _needs_autograd(x, A, B, scale, out):
-        return torch_ops.lora_delta(x, A, B, slot, scale, out=out)
+        return torch_ops.lora_delta(x, A, B, slot, scale, out=out, cache=cache)
     n, L, _ = x.shape
     h = _launch(x, A, slot, x.new_empty((n, L, A.shape[1])), scale=scale)
     if out is None:

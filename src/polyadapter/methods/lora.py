@@ -212,14 +212,15 @@ class LoraPart(nn.Module):
         first = parts[0]
         bank = {
             "A": torch.stack([p.lora_A for p in parts]),
-            "B": torch.stack([p.lora_B for p in parts]),
+            # (slots, out, r), laid out as (slots, r, out): each slot's B.T is contiguous (see kernels.torch_ops)
+            "B": torch.stack([p.lora_B.t() for p in parts]).transpose(1, 2),
             "scale": torch.tensor([p.scaling for p in parts], dtype=torch.float32, device=first.lora_A.device),
             "dropout": first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0,
             "embedding": first.is_embedding,
         }
         if first.pissa:
             bank["A0"] = torch.stack([p.lora_A0 for p in parts])
-            bank["B0"] = torch.stack([p.lora_B0 for p in parts])
+            bank["B0"] = torch.stack([p.lora_B0.t() for p in parts]).transpose(1, 2)
         if first.is_embedding:  # rows of A.T for every (slot, token id), one lookup table
             bank["A_rows"] = bank["A"].transpose(1, 2).reshape(-1, bank["A"].shape[1])
         if first.use_dora:  # every part at a site shares its base layer
@@ -244,7 +245,7 @@ class LoraPart(nn.Module):
         if "factor" in bank:
             return LoraPart._bank_dora(bank, x3, xd, out, slots)
         if in_place and out3.data_ptr() == out.data_ptr():
-            res = lora_delta(xd, bank["A"], bank["B"], slots, bank["scale"], out=out3)
+            res = lora_delta(xd, bank["A"], bank["B"], slots, bank["scale"], out=out3, cache=bank)
             if "A0" in bank:
                 res = lora_delta(x3, bank["A0"], bank["B0"], slots, -bank["scale"], out=res)
             return res.view(out.shape)
