@@ -181,6 +181,28 @@ def _interpreter_parity() -> int:
     _compare(triton_ops, x, weight, A, t["B"], torch.tensor([2, 0, 2, 1], dtype=torch.int32),
              bias, t["scale"], out, torch.float16, "strided", failures)
 
+    # One-token rows take the packed-segment kernel: runs of one slot longer than a token
+    # tile (40 > 16 and > 64 with the rest), rows sorted by slot or not, unused slots in and
+    # out of the used range, a single slot, and B laid out as banks lay it (B[s].T contiguous).
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        n, k, m, r, S = 83, 40, 72, 8, 7
+        t = make(n, 1, k, m, r, S, dtype, seed=5)
+        B = t["B"].transpose(1, 2).contiguous().transpose(1, 2)
+        for label, slot in (("sorted", torch.sort(torch.tensor([0] * 40 + [2] * 30 + [3] * 12 + [6]))[0]),
+                            ("unsorted", torch.randint(0, S, (n,), generator=g)),
+                            ("far slots", torch.tensor([1, 6] * 41 + [1])),
+                            ("one slot", torch.full((n,), 4))):
+            ref = naive_lora(t["x"], t["A"], B, slot, t["scale"], t["out"])
+            for target in (None, t["out"]):
+                dst = None if target is None else target.clone()
+                with torch.no_grad():
+                    got = triton_ops.lora_delta(t["x"], t["A"], B, slot, t["scale"], out=dst)
+                want = ref if target is not None else ref - t["out"]
+                err = rel_err(got, want)
+                if got.shape != (n, 1, m) or not err <= TOL[dtype] or (dst is not None and got.data_ptr() != dst.data_ptr()):
+                    failures.append(f"segments {dtype} {label} out={target is not None}: err {err:.3g}")
+
     # An empty batch launches nothing.
     t = make(0, 3, 8, 8, 4, 2, torch.float32)
     _compare(triton_ops, t["x"], t["weight"], t["A"], t["B"], torch.zeros(0, dtype=torch.long),

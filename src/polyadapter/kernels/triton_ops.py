@@ -21,6 +21,15 @@ from L2.
 into an (n, L, r) buffer in x's dtype (as ``torch_ops`` rounds it), then *expand*
 ``out (+)= h @ B.T``.
 
+One-token rows (the serving engine packs a step's tokens so, one row each) would fill one
+row of every 16-row tile above. For them ``lora_delta`` runs ``_segment_mm`` instead:
+rows with the same slot form one *segment* (the step plan orders rows by slot, so they
+are consecutive; otherwise a token order read from ``torch_ops.segment_plan`` maps them),
+the grid is ``(tiles of the longest segment x tiles of m, segments)``, and each program
+multiplies up to BLOCK_T tokens of one segment by that segment's weight. The segments,
+their slots and the longest one are worked out once per slot tensor (once per step for
+all sites), not per site.
+
 Tensors may have any strides (they are passed to the kernel). Float32 inputs use IEEE
 fp32 dot products unless ``torch.backends.cuda.matmul.allow_tf32`` is set; float16 and
 bfloat16 use the tensor cores. The output has x's dtype; banks of another dtype are cast
@@ -96,6 +105,56 @@ def _gathered_mm(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _segment_mm(
+    x_ptr, w_ptr, ends_ptr, gslot_ptr, tok_ptr, scale_ptr, out_ptr,
+    M, K, tiles_t,
+    sxt, sxk, sws, swm, swk, sscale, sot, som,
+    HAS_ORDER: tl.constexpr, HAS_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[t] = [out[t] +] scale[s] * x[t] @ W[s].T for the tokens t of segment
+    ``program_id(1)``, whose slot is s = gslot[segment]; segments end at ``ends``."""
+    g = tl.program_id(1)
+    tile_t = tl.program_id(0) % tiles_t
+    tile_m = tl.program_id(0) // tiles_t
+    start = tl.load(ends_ptr + g - 1, mask=g > 0, other=0)
+    end = tl.load(ends_ptr + g)
+    first = start + tile_t * BLOCK_T
+    if first < end:  # tiles past a shorter segment's end do nothing
+        s = tl.load(gslot_ptr + g).to(tl.int64)
+        offs_t = first + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < end
+        if HAS_ORDER:
+            rows = tl.load(tok_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
+        else:
+            rows = offs_t.to(tl.int64)
+        offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        x_ptrs = x_ptr + rows[:, None] * sxt + offs_k[None, :] * sxk
+        w_ptrs = w_ptr + s * sws + offs_k[:, None] * swk + offs_m[None, :] * swm   # W[s].T tile
+        acc = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask_k = offs_k < K - k0
+            xt = tl.load(x_ptrs, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0).to(xt.dtype)
+            if UPCAST:
+                xt = xt.to(tl.float32)
+                wt = wt.to(tl.float32)
+            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+            x_ptrs += BLOCK_K * sxk
+            w_ptrs += BLOCK_K * swk
+        if HAS_SCALE:
+            acc *= tl.load(scale_ptr + s * sscale).to(tl.float32)
+        out_ptrs = out_ptr + rows[:, None] * sot + offs_m[None, :] * som
+        mask = mask_t[:, None] & mask_m[None, :]
+        if ACCUMULATE:
+            acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def _block(size: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(size)))
 
@@ -109,10 +168,7 @@ def _launch(x, weight, slot, out, bias=None, scale=None, accumulate=False):
     block_l = _block(L, 64)
     block_m = _block(M, 128)
     block_k = _block(K, 32 if x.dtype == torch.float32 else 64)
-    if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        precision = "ieee"
-    else:
-        precision = "tf32"  # ignored for 16-bit inputs
+    precision = _precision(x)
     grid = (triton.cdiv(L, block_l) * triton.cdiv(M, block_m), n)
     _gathered_mm[grid](
         x, weight, slot,
@@ -127,6 +183,53 @@ def _launch(x, weight, slot, out, bias=None, scale=None, accumulate=False):
         UPCAST=_INTERPRET and x.dtype == torch.bfloat16, PRECISION=precision,
         BLOCK_L=block_l, BLOCK_M=block_m, BLOCK_K=block_k,
         num_warps=8 if block_l * block_m >= 64 * 128 else 4,
+    )
+    return out
+
+
+def _precision(x) -> str:
+    if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"  # ignored for 16-bit inputs
+
+
+def segments(slot: torch.Tensor, banks: int) -> tuple:
+    """(segment ends (int32), bank slot per segment, token order or None, longest segment)
+    for one-token rows choosing among ``banks`` slots. Built from ``torch_ops.segment_plan``
+    and cached with it on the slot tensor, so every site of a step shares one."""
+    plans = slot.__dict__.setdefault("_polyadapter_segments", {})
+    key = ("triton", banks, slot._version)
+    if key not in plans:
+        plan = torch_ops.segment_plan(slot, banks, 1)
+        if isinstance(plan.pick, slice):
+            gslot = torch.arange(plan.pick.start, plan.pick.stop, device=slot.device)
+        elif plan.pick is None:
+            gslot = torch.arange(banks, device=slot.device)
+        else:
+            gslot = plan.pick
+        ends = plan.offs
+        longest = int(torch.diff(ends, prepend=ends.new_zeros(1)).max())
+        plans[key] = (ends, gslot, plan.order, longest)
+    return plans[key]
+
+
+def _launch_segments(x, weight, seg, out, scale=None, accumulate=False):
+    """out[t] = [out[t] +] scale[s] * x[t] @ weight[s].T over the segments ``seg``
+    (see ``segments``); x: (tokens, k), out: (tokens, m)."""
+    ends, gslot, order, longest = seg
+    K, M = x.shape[1], weight.shape[1]
+    block_t = _block(longest, 64)
+    block_m = _block(M, 128)
+    block_k = _block(K, 32 if x.dtype == torch.float32 else 64)
+    tiles_t = triton.cdiv(longest, block_t)
+    grid = (tiles_t * triton.cdiv(M, block_m), ends.shape[0])
+    _segment_mm[grid](
+        x, weight, ends, gslot, order if order is not None else ends, scale if scale is not None else x, out,
+        M, K, tiles_t,
+        *x.stride(), *weight.stride(), scale.stride(0) if scale is not None else 0, *out.stride(),
+        HAS_ORDER=order is not None, HAS_SCALE=scale is not None, ACCUMULATE=accumulate,
+        UPCAST=_INTERPRET and x.dtype == torch.bfloat16, PRECISION=_precision(x),
+        BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
     )
     return out
 
@@ -153,6 +256,13 @@ def lora_delta(x, A, B, slot, scale, out=None, cache=None):
     if _needs_autograd(x, A, B, scale, out):
         return torch_ops.lora_delta(x, A, B, slot, scale, out=out, cache=cache)
     n, L, _ = x.shape
+    if L == 1 and n > 1:  # one-token rows: packed segments, one slot per segment
+        seg = segments(slot, A.shape[0])
+        h = _launch_segments(x[:, 0], A, seg, x.new_empty((n, A.shape[1])), scale=scale)
+        if out is None:
+            return _launch_segments(h, B, seg, x.new_empty((n, B.shape[1]))).view(n, 1, -1)
+        _launch_segments(h, B, seg, out[:, 0], accumulate=True)
+        return out
     h = _launch(x, A, slot, x.new_empty((n, L, A.shape[1])), scale=scale)
     if out is None:
         return _launch(h, B, slot, x.new_empty((n, L, B.shape[1])))
