@@ -256,18 +256,18 @@ if __name__ == "__main__":
 @pytest.mark.parametrize("with_out", [False, True])
 @pytest.mark.parametrize("loop_rows", [0, 10**9])   # per-slot matmuls for every run, or grouped_mm always
 @pytest.mark.parametrize("slots", ["mixed", "sorted", "one"])
-@pytest.mark.parametrize("dense", [0, 10**12])     # the dense all-used-slots path never, or whenever it can
-def test_torch_segment_strategy_matches_gather_strategy(L, with_out, loop_rows, slots, dense, monkeypatch):
+@pytest.mark.parametrize("padded", [0, 10**12])     # the padded batched-matmul path never, or whenever it can
+def test_torch_segment_strategy_matches_gather_strategy(L, with_out, loop_rows, slots, padded, monkeypatch):
     """The torch strategies (per-row gather + bmm; sorted segments through grouped_mm,
-    through one matmul per run of a slot, or through the dense path over every used
-    slot) give the same LoRA update, including empty slots, unsorted rows and a batch of
+    through one matmul per run of a slot, or through the padded block of every used
+    slot's rows) give the same LoRA update, including empty slots, unsorted rows and a batch of
     one adapter. B is laid out as the banks lay it out (each slot's B.T contiguous)."""
     monkeypatch.setattr(torch_ops, "_LOOP_ROWS", loop_rows)
     monkeypatch.setattr(torch_ops, "_FAST_ROWS", loop_rows)
-    monkeypatch.setattr(torch_ops, "_DENSE_MACS_PER_SLOT", dense)
+    monkeypatch.setattr(torch_ops, "_PADDED_WASTE", padded)
     calls = []
-    real_dense = torch_ops._dense_into
-    monkeypatch.setattr(torch_ops, "_dense_into", lambda *a: calls.append(1) or real_dense(*a))
+    real_padded = torch_ops._padded_into
+    monkeypatch.setattr(torch_ops, "_padded_into", lambda *a: calls.append(1) or real_padded(*a))
     g = torch.Generator().manual_seed(11)
     n, k, r, m, S = 9, 32, 8, 24, 6
     x = torch.randn(n, L, k, generator=g)
@@ -285,8 +285,8 @@ def test_torch_segment_strategy_matches_gather_strategy(L, with_out, loop_rows, 
     assert torch.allclose(results[True], results[False], atol=1e-4)
     loop = torch.stack([scale[s] * x[i] @ A[s].T @ B[s].T for i, s in enumerate(slot.tolist())])
     assert torch.allclose(results[True], loop + (out if with_out else 0), atol=1e-4)
-    # the dense path runs exactly where it should: an output to add into, several slots
-    assert bool(calls) == (dense > 0 and with_out and slots != "one"), calls
+    # the padded path runs exactly where it should: an output to add into, several slots
+    assert bool(calls) == (padded > 0 and with_out and slots != "one"), calls
 
 
 def test_segment_host_work_runs_once_per_call_not_once_per_site(monkeypatch):

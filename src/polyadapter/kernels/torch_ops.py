@@ -8,13 +8,14 @@ Two strategies, chosen per call:
   multiplies each run of rows by its adapter's weight, reading every adapter's weight
   once instead of copying it per row. Used for inference when rows are short (decode),
   where copying weights per row costs more than the matmuls themselves; for long rows
-  (prefill) the gather path measured faster, even with a single adapter. Within it, few
-  rows over several slots take the *dense* path (``_dense_into``): one matmul against
-  every slot of the bank's used range, a per-row mask that keeps each row's own slot,
-  one matmul back; its wasted arithmetic costs less than a matmul pair per slot.
+  (prefill) the gather path measured faster, even with a single adapter. Within it,
+  rows over several slots whose runs are similar in length take the *padded* path
+  (``_padded_into``): the rows are gathered into a (slots, longest run, in) block, padded
+  with rows whose update is masked to zero, and two batched matmuls against the used
+  range of slots do the rest; a handful of operators whatever the number of slots, where
+  a matmul pair per slot costs each slot's dispatch.
 
-Banks keep each slot's ``B`` transposed in memory (``B[s].t()`` is contiguous), so the
-used range of slots is one ``(slots * r, out)`` matrix for the dense path's expand.
+Banks keep each slot's ``B`` transposed in memory (``B[s].t()`` is contiguous).
 """
 from __future__ import annotations
 
@@ -33,11 +34,10 @@ _LOOP_ROWS = 24
 # ``_runs_into``) beats grouped_mm: 6 slots for 16 rows 112-120 vs 141-215 us, 16 slots
 # for 16 rows 155-202 vs 137-211 us (SmolLM2's widths, rank 16, 2 threads; noisy).
 _FAST_ROWS = 2
-# The dense path (``_dense_into``) runs while its matmuls' size, rows x used-range slots
-# x r x (in + out) multiply-adds, stays under this many per used slot. At SmolLM2's
-# widths on 2 threads a matmul pair per slot costs about 25 us of dispatch, and the
-# dense matmuls run at about 30 GFLOP/s (16 rows over 6 slots: 70 vs 160 us per site).
-_DENSE_MACS_PER_SLOT = 750_000
+# The padded path (``_padded_into``) runs while its padded block holds at most this many
+# times the real tokens. At SmolLM2's widths, 2 threads, it took 86-217 us per site where
+# per-slot matmuls or grouped_mm took 174-426 us (6-16 slots, 16-32 rows; ad-hoc timing).
+_PADDED_WASTE = 4
 
 
 def gathered_linear(x, weight, slot, bias=None, scale=None, out=None):
@@ -89,7 +89,8 @@ class SegmentPlan(NamedTuple):
     tokens: object          # token order matching ``order`` (None: already sorted)
     runs: object            # ([(group, start, end)], per-run matmuls pay, in-place runs pay) or None
     used: int               # slots used
-    mask: object            # (tokens, groups) one-hot of each token's group when ``pick`` is a slice
+    padded: object          # (token index per padded place, (groups, longest, 1) real-token mask,
+                            #  longest run) when ``pick`` is a slice, else None
 
 
 def segment_plan(slot: torch.Tensor, banks: int, L: int) -> SegmentPlan:
@@ -121,25 +122,23 @@ def segment_plan(slot: torch.Tensor, banks: int, L: int) -> SegmentPlan:
             loop = count == 1 or rows >= _LOOP_ROWS * count
             fast = tokens is None and (count == 1 or rows >= _FAST_ROWS * count)
             runs = (runs, loop, fast)
-        mask = None
+        padded = None
         if count > 1 and not isinstance(pick, torch.Tensor):
-            token_group = s if L == 1 else s.repeat_interleave(L)
-            mask = torch.nn.functional.one_hot(token_group, groups)
-        plans[key] = SegmentPlan(pick, s, order, offs, tokens, runs, count, mask)
+            padded = _padding(offs, tokens)
+        plans[key] = SegmentPlan(pick, s, order, offs, tokens, runs, count, padded)
     return plans[key]
 
 
 def _lora_segments(x, A, B, slot, scale, out, cache=None):
     n, L, _ = x.shape
-    pick, slot, order, offs, tokens, runs, used, mask = segment_plan(slot, A.shape[0], L)
+    pick, slot, order, offs, tokens, runs, used, padded = segment_plan(slot, A.shape[0], L)
     xs = x.reshape(n * L, -1)
     runs, loop, fast = runs or (None, False, False)
     if (out is not None and not torch.is_grad_enabled() and x.dtype == A.dtype == B.dtype == out.dtype
             and not isinstance(pick, torch.Tensor)):
         first = 0 if pick is None else pick.start
-        if mask is not None and n * L * mask.shape[1] * A.shape[1] * (A.shape[2] + B.shape[1]) \
-                <= _DENSE_MACS_PER_SLOT * used and A.is_contiguous() and B.transpose(1, 2).is_contiguous():
-            _dense_into(xs, out.view(n * L, -1), _views(cache, A, B, scale, ("dense", first, mask.shape[1])), mask)
+        if padded is not None and padded[0].shape[0] <= _PADDED_WASTE * n * L:
+            _padded_into(xs, out.view(n * L, -1), _views(cache, A, B, scale, ("range", first, offs.shape[0])), padded)
             return out
         if fast:
             _runs_into(xs, out.view(n * L, -1), A, B, scale, runs, first, cache)
@@ -189,8 +188,8 @@ def _runs_matmul(xs, A, B, scale, runs):
 
 def _views(cache, A, B, scale, key) -> tuple:
     """Views of a bank for one slot (``key`` = ("slot", s): ``A_s.T``, ``B_s.T``, ``scale_s``)
-    or for a range of slots (("dense", first, count): ``[A_first; ...].T``, ``[B_first.T;
-    ...]``, ``scale[first:first+count]``). Kept in ``cache`` when the caller passes the bank
+    or for a range of slots (("range", first, count): ``A.T``, ``B.T`` and ``scale`` of
+    slots ``first`` to ``first + count - 1``, batched). Kept in ``cache`` when the caller passes the bank
     these tensors belong to (a dict that lives exactly as long as they do, and whose slots
     are rewritten in place, so the views stay true), else made afresh. Saves a few operator
     calls per site and step, which on CPU cost as much as the small matmuls themselves."""
@@ -200,8 +199,7 @@ def _views(cache, A, B, scale, key) -> tuple:
             views = (A[key[1]].t(), B[key[1]].t(), scale[key[1]])
         else:
             span = slice(key[1], key[1] + key[2])
-            views = (A[span].reshape(key[2] * A.shape[1], -1).t(), B[span].transpose(1, 2).reshape(key[2] * A.shape[1], -1),
-                     scale[span])
+            views = (A[span].transpose(1, 2), B[span].transpose(1, 2), scale[span, None, None])
         if cache is not None and cache.get("A") is A and cache.get("B") is B and cache.get("scale") is scale:
             cache[key] = views
     return views
@@ -220,12 +218,28 @@ def _runs_into(xs, out, A, B, scale, runs, first: int, cache=None) -> None:
         out[a:b].addmm_(torch.mm(xs[a:b], At).mul_(sc), Bt)
 
 
-def _dense_into(xs, out, views, mask) -> None:
-    """Adds the LoRA delta of rows in any order to ``out`` in place, for all used slots at
-    once: ``h = x @ [A_first; ...; A_last].T`` (every row against every slot of the used
-    range), each row's own slot kept and scaled by ``mask * scale``, then ``out += h @
-    [B_first.T; ...; B_last.T]``. Three operators whatever the number of slots."""
+def _padding(offs: torch.Tensor, tokens) -> tuple:
+    """For the padded path: the token index of every place of a (groups, longest run)
+    block (a group's runs of tokens, then padding that points at token 0), the mask of
+    real places, and the longest run. Built once per plan."""
+    ends = offs.long()
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    longest = int(counts.max())
+    j = torch.arange(longest, device=offs.device)
+    real = j[None, :] < counts[:, None]                                        # (groups, longest)
+    place = torch.where(real, (ends - counts)[:, None] + j[None, :], 0).flatten()
+    index = place if tokens is None else tokens.index_select(0, place)
+    return index, real.unsqueeze(-1), longest
+
+
+def _padded_into(xs, out, views, padded) -> None:
+    """Adds the LoRA delta of the planned tokens to ``out`` in place: tokens gathered into
+    one (groups, longest run, in) block, ``h = block @ A_g.T`` per group as one batched
+    matmul, scaled per group and zeroed at the padding, ``out[token] += h @ B_g.T`` as one
+    batched matmul and one index_add_ (padding adds zeros)."""
     At, Bt, sc = views
-    h = torch.mm(xs, At)                                                        # (tokens, groups * r)
-    h.view(mask.shape[0], mask.shape[1], -1).mul_((mask * sc).unsqueeze(-1).to(h.dtype))
-    out.addmm_(h, Bt)
+    index, real, longest = padded
+    groups = real.shape[0]
+    h = torch.bmm(xs.index_select(0, index).view(groups, longest, -1), At)      # (groups, longest, r)
+    h.mul_(real * sc.to(h.dtype))
+    out.index_add_(0, index, torch.bmm(h, Bt).view(groups * longest, -1))
