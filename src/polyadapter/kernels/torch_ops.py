@@ -187,12 +187,13 @@ def _runs_matmul(xs, A, B, scale, runs):
 
 
 def _views(cache, A, B, scale, key) -> tuple:
-    """Views of a bank for one slot (``key`` = ("slot", s): ``A_s.T``, ``B_s.T``, ``scale_s``)
-    or for a range of slots (("range", first, count): ``A.T``, ``B.T`` and ``scale`` of
-    slots ``first`` to ``first + count - 1``, batched). Kept in ``cache`` when the caller passes the bank
-    these tensors belong to (a dict that lives exactly as long as they do, and whose slots
-    are rewritten in place, so the views stay true), else made afresh. Saves a few operator
-    calls per site and step, which on CPU cost as much as the small matmuls themselves."""
+    """Views of a bank for one slot (``key`` = ("slot", s): ``A_s.T``, ``B_s.T``,
+    ``scale_s``) or for a range of slots (("range", first, count): ``A.T``, ``B.T`` and
+    ``scale`` of slots ``first`` to ``first + count - 1``, batched). Kept in ``cache``
+    when the caller passes the bank these tensors belong to (a dict that lives exactly
+    as long as they do, and whose slots are rewritten in place, so the views stay true),
+    else made afresh. Saves a few operator calls per site and step, which on CPU cost as
+    much as the small matmuls themselves."""
     views = None if cache is None else cache.get(key)
     if views is None:
         if key[0] == "slot":

@@ -56,6 +56,27 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
+def _tile_dot(x_ptrs, w_ptrs, mask_rows, mask_m, K, sxk, swk,
+              UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The (BLOCK_ROWS x BLOCK_M) float32 product of an x tile's rows and a weight's
+    transposed tile, walking k in BLOCK_K steps (masked: K need not be a multiple)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_ROWS, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        xt = tl.load(x_ptrs, mask=mask_rows[:, None] & mask_k[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0).to(xt.dtype)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * sxk
+        w_ptrs += BLOCK_K * swk
+    return acc
+
+
+@triton.jit
 def _gathered_mm(
     x_ptr, w_ptr, slot_ptr, bias_ptr, scale_ptr, out_ptr,
     L, M, K,
@@ -81,17 +102,7 @@ def _gathered_mm(
 
     x_ptrs = x_ptr + row * sxn + offs_l[:, None] * sxl + offs_k[None, :] * sxk
     w_ptrs = w_ptr + s * sws + offs_k[:, None] * swk + offs_m[None, :] * swm   # W[s].T tile
-    acc = tl.zeros((BLOCK_L, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k0
-        xt = tl.load(x_ptrs, mask=mask_l[:, None] & mask_k[None, :], other=0.0)
-        wt = tl.load(w_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0).to(xt.dtype)
-        if UPCAST:
-            xt = xt.to(tl.float32)
-            wt = wt.to(tl.float32)
-        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
-        x_ptrs += BLOCK_K * sxk
-        w_ptrs += BLOCK_K * swk
+    acc = _tile_dot(x_ptrs, w_ptrs, mask_l, mask_m, K, sxk, swk, UPCAST, PRECISION, BLOCK_L, BLOCK_M, BLOCK_K)
 
     if HAS_BIAS:
         b = tl.load(bias_ptr + s * sbs + offs_m * sbm, mask=mask_m, other=0.0)
@@ -135,17 +146,7 @@ def _segment_mm(
         mask_m = offs_m < M
         x_ptrs = x_ptr + rows[:, None] * sxt + offs_k[None, :] * sxk
         w_ptrs = w_ptr + s * sws + offs_k[:, None] * swk + offs_m[None, :] * swm   # W[s].T tile
-        acc = tl.zeros((BLOCK_T, BLOCK_M), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            mask_k = offs_k < K - k0
-            xt = tl.load(x_ptrs, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
-            wt = tl.load(w_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0).to(xt.dtype)
-            if UPCAST:
-                xt = xt.to(tl.float32)
-                wt = wt.to(tl.float32)
-            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
-            x_ptrs += BLOCK_K * sxk
-            w_ptrs += BLOCK_K * swk
+        acc = _tile_dot(x_ptrs, w_ptrs, mask_t, mask_m, K, sxk, swk, UPCAST, PRECISION, BLOCK_T, BLOCK_M, BLOCK_K)
         if HAS_SCALE:
             acc *= tl.load(scale_ptr + s * sscale).to(tl.float32)
         out_ptrs = out_ptr + rows[:, None] * sot + offs_m[None, :] * som
