@@ -86,9 +86,9 @@ class SegmentPlan(NamedTuple):
     slot: torch.Tensor      # each row's group within ``pick``
     order: object           # rows sorted by group (None: already sorted)
     offs: torch.Tensor      # group end offsets in tokens (int32, for grouped_mm)
+    longest: int            # tokens in the largest group
     tokens: object          # token order matching ``order`` (None: already sorted)
     runs: object            # ([(group, start, end)], per-run matmuls pay, in-place runs pay) or None
-    used: int               # slots used
     padded: object          # (token index per padded place, (groups, longest, 1) real-token mask,
                             #  longest run) when ``pick`` is a slice, else None
 
@@ -110,7 +110,8 @@ def segment_plan(slot: torch.Tensor, banks: int, L: int) -> SegmentPlan:
         else:
             pick, s, groups = None, slot, banks
         order = torch.argsort(s, stable=True)
-        offs = (torch.bincount(s, minlength=groups).cumsum(0) * L).to(torch.int32)
+        counts = torch.bincount(s, minlength=groups) * L                          # tokens per group
+        offs, longest = counts.cumsum(0).to(torch.int32), int(counts.max())
         if bool((s[1:] >= s[:-1]).all()):  # rows already in slot order: no gather, no scatter
             order = tokens = None
         else:
@@ -124,14 +125,14 @@ def segment_plan(slot: torch.Tensor, banks: int, L: int) -> SegmentPlan:
             runs = (runs, loop, fast)
         padded = None
         if count > 1 and not isinstance(pick, torch.Tensor):
-            padded = _padding(offs, tokens)
-        plans[key] = SegmentPlan(pick, s, order, offs, tokens, runs, count, padded)
+            padded = _padding(counts, longest, tokens)
+        plans[key] = SegmentPlan(pick, s, order, offs, longest, tokens, runs, padded)
     return plans[key]
 
 
 def _lora_segments(x, A, B, slot, scale, out, cache=None):
     n, L, _ = x.shape
-    pick, slot, order, offs, tokens, runs, used, padded = segment_plan(slot, A.shape[0], L)
+    pick, slot, order, offs, _, tokens, runs, padded = segment_plan(slot, A.shape[0], L)
     xs = x.reshape(n * L, -1)
     runs, loop, fast = runs or (None, False, False)
     if (out is not None and not torch.is_grad_enabled() and x.dtype == A.dtype == B.dtype == out.dtype
@@ -219,16 +220,13 @@ def _runs_into(xs, out, A, B, scale, runs, first: int, cache=None) -> None:
         out[a:b].addmm_(torch.mm(xs[a:b], At).mul_(sc), Bt)
 
 
-def _padding(offs: torch.Tensor, tokens) -> tuple:
+def _padding(counts: torch.Tensor, longest: int, tokens) -> tuple:
     """For the padded path: the token index of every place of a (groups, longest run)
-    block (a group's runs of tokens, then padding that points at token 0), the mask of
-    real places, and the longest run. Built once per plan."""
-    ends = offs.long()
-    counts = torch.diff(ends, prepend=ends.new_zeros(1))
-    longest = int(counts.max())
-    j = torch.arange(longest, device=offs.device)
+    block (a group's tokens, then padding that points at token 0), the mask of real
+    places, and the longest run. Built once per plan from the tokens per group."""
+    j = torch.arange(longest, device=counts.device)
     real = j[None, :] < counts[:, None]                                        # (groups, longest)
-    place = torch.where(real, (ends - counts)[:, None] + j[None, :], 0).flatten()
+    place = torch.where(real, (counts.cumsum(0) - counts)[:, None] + j[None, :], 0).flatten()
     index = place if tokens is None else tokens.index_select(0, place)
     return index, real.unsqueeze(-1), longest
 

@@ -208,9 +208,7 @@ def segments(slot: torch.Tensor, banks: int) -> tuple:
             gslot = torch.arange(banks, device=slot.device)
         else:
             gslot = plan.pick
-        ends = plan.offs
-        longest = int(torch.diff(ends, prepend=ends.new_zeros(1)).max())
-        plans[key] = (ends, gslot, plan.order, longest)
+        plans[key] = (plan.offs, gslot, plan.order, plan.longest)
     return plans[key]
 
 
