@@ -89,8 +89,8 @@ class SegmentPlan(NamedTuple):
     longest: int            # tokens in the largest group
     tokens: object          # token order matching ``order`` (None: already sorted)
     runs: object            # ([(group, start, end)], per-run matmuls pay, in-place runs pay) or None
-    padded: object          # (token index per padded place, (groups, longest, 1) real-token mask,
-                            #  longest run) when ``pick`` is a slice, else None
+    padded: object          # (token index per padded place, (groups, longest, 1) real-token mask)
+                            # when ``pick`` is a slice, else None
 
 
 def segment_plan(slot: torch.Tensor, banks: int, L: int) -> SegmentPlan:
@@ -222,13 +222,13 @@ def _runs_into(xs, out, A, B, scale, runs, first: int, cache=None) -> None:
 
 def _padding(counts: torch.Tensor, longest: int, tokens) -> tuple:
     """For the padded path: the token index of every place of a (groups, longest run)
-    block (a group's tokens, then padding that points at token 0), the mask of real
-    places, and the longest run. Built once per plan from the tokens per group."""
+    block (a group's tokens, then padding that points at token 0) and the mask of real
+    places. Built once per plan from the tokens per group."""
     j = torch.arange(longest, device=counts.device)
     real = j[None, :] < counts[:, None]                                        # (groups, longest)
     place = torch.where(real, (counts.cumsum(0) - counts)[:, None] + j[None, :], 0).flatten()
     index = place if tokens is None else tokens.index_select(0, place)
-    return index, real.unsqueeze(-1), longest
+    return index, real.unsqueeze(-1)
 
 
 def _padded_into(xs, out, views, padded) -> None:
@@ -237,8 +237,8 @@ def _padded_into(xs, out, views, padded) -> None:
     matmul, scaled per group and zeroed at the padding, ``out[token] += h @ B_g.T`` as one
     batched matmul and one index_add_ (padding adds zeros)."""
     At, Bt, sc = views
-    index, real, longest = padded
-    groups = real.shape[0]
+    index, real = padded
+    groups, longest = real.shape[:2]
     h = torch.bmm(xs.index_select(0, index).view(groups, longest, -1), At)      # (groups, longest, r)
     h.mul_(real * sc.to(h.dtype))
     out.index_add_(0, index, torch.bmm(h, Bt).view(groups * longest, -1))
