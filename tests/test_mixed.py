@@ -303,3 +303,24 @@ def test_mixed_batch_refused_while_an_adapter_is_merged():
     pm.merge_adapter("a")
     with pytest.raises(pa.StateError, match="'a' is merged"):
         pm(**full_inputs("llama", 2), adapter_names=["a", "b"])
+
+
+def test_mixed_batch_in_eval_mode_applies_no_dropout():
+    """A site wrapped in an eval-mode model is in eval mode too: a mixed batch of LoRAs
+    with dropout gives the same logits every time, equal to each row alone (a site
+    left in train mode applied dropout to every mixed batch)."""
+    model = make_model("llama")
+    model.eval()
+    pm = pa.AdapterModel(model)
+    for name in ("a", "b"):
+        pm.add_adapter(name, pa.LoraConfig(r=4, targets=["all-linear"], dropout=0.5), activate=False)
+        with torch.no_grad():
+            for p in pm.adapter_parameters(name).values():
+                p.add_(0.3 * torch.randn_like(p))
+    assert not any(m.training for m in pm.model.modules())
+    ids = torch.randint(0, 100, (3, 5), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        first = pm(input_ids=ids, adapter_names=["a", "b", None]).logits
+        again = pm(input_ids=ids, adapter_names=["a", "b", None]).logits
+    assert torch.equal(first, again)
+    assert_rows_match_alone(pm, "llama", ["a", "b", None], {"input_ids": ids})

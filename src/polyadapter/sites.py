@@ -118,6 +118,7 @@ def wrap(model: nn.Module, name: str, state) -> Site:
     if isinstance(current, Site):
         return current
     site = Site(current, name, state)
+    site.training = site.adapters.training = current.training  # new Modules start in train mode; not in an eval model
     setattr(parent, attr, site)
     return site
 
