@@ -285,8 +285,8 @@ def test_torch_segment_strategy_matches_gather_strategy(L, with_out, loop_rows, 
     assert torch.allclose(results[True], results[False], atol=1e-4)
     loop = torch.stack([scale[s] * x[i] @ A[s].T @ B[s].T for i, s in enumerate(slot.tolist())])
     assert torch.allclose(results[True], loop + (out if with_out else 0), atol=1e-4)
-    # the padded path runs exactly where it should: an output to add into, several slots
-    assert bool(calls) == (padded > 0 and with_out and slots != "one"), calls
+    # the padded path runs exactly where it should: an output to add into, several slots, short rows
+    assert bool(calls) == (padded > 0 and with_out and slots != "one" and L <= torch_ops._SHORT_ROWS), calls
 
 
 def test_segment_host_work_runs_once_per_call_not_once_per_site(monkeypatch):
@@ -310,3 +310,31 @@ def test_segment_host_work_runs_once_per_call_not_once_per_site(monkeypatch):
         for i, setup in enumerate(["a", "b", "c", "a", None, "b"]):
             pm.set_active(setup)
             assert torch.allclose(mixed[i:i + 1], pm(input_ids=ids[i:i + 1]).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("slots", ["sorted", "mixed", "one"])
+def test_torch_in_place_lora_add(slots):
+    """``lora_add_`` adds the update in place where the per-run or padded path can run
+    (one-token rows, inference, one dtype, slots in a slice of the bank), and elsewhere
+    returns False with ``out`` untouched, for the caller's general path."""
+    g = torch.Generator().manual_seed(5)
+    n, k, r, m, S = 10, 32, 8, 24, 16
+    A, B = torch.randn(S, r, k, generator=g), torch.randn(S, r, m, generator=g).transpose(1, 2)
+    scale = torch.rand(S, generator=g) + 0.5
+    slot = {"sorted": torch.tensor([2, 2, 2, 3, 3, 5, 5, 5, 5, 5]), "mixed": torch.tensor([5, 2, 3, 2, 5, 5, 3, 2, 5, 2]),
+            "one": torch.full((n,), 7)}[slots]
+    x, out = torch.randn(n, k, generator=g), torch.randn(n, m, generator=g)
+    ref = out + torch.stack([scale[s] * x[i] @ A[s].T @ B[s].T for i, s in enumerate(slot.tolist())])
+    with torch.no_grad():
+        got = out.clone()
+        assert kernels.lora_add_(x, got, A, B, slot, scale, {"A": A, "B": B, "scale": scale})
+        assert torch.allclose(got, ref, atol=1e-4)
+        refused = {"long rows": (torch.randn(n * 5, k, generator=g), torch.randn(n * 5, m, generator=g), slot),
+                   "dtype": (x.double(), out.double(), slot),
+                   "scattered": (x, out.clone(), torch.tensor([0, 15] * 5))}
+        for why, (xi, oi, si) in refused.items():
+            before = oi.clone()
+            assert not kernels.lora_add_(xi, oi, A, B, si, scale), why
+            assert torch.equal(oi, before), why
+    before = out.clone()
+    assert not kernels.lora_add_(x, out, A, B, slot, scale) and torch.equal(out, before)  # gradients on

@@ -305,6 +305,71 @@ def test_mixed_batch_refused_while_an_adapter_is_merged():
         pm(**full_inputs("llama", 2), adapter_names=["a", "b"])
 
 
+def _lean_calls(monkeypatch) -> list:
+    """Record, for every site call of a mixed batch, whether the short way ran it."""
+    from polyadapter import mixed, sites
+    taken, real = [], mixed.lean_rows
+
+    def spy(*a):
+        y = real(*a)
+        taken.append(y is not None)
+        return y
+    monkeypatch.setattr(sites, "lean_rows", spy)
+    return taken
+
+
+def test_short_way_through_a_site_equals_the_general_path(monkeypatch):
+    """Inference rows of plain adapter names whose adapters at a site only add a
+    LoRA update take ``mixed.lean_rows`` (the serving engine's steps): its logits equal
+    the general path's bit for bit, one-token rows (the in-place kernels) and long rows
+    alike; it steps aside at sites with an (IA)^3 adapter or a Stack's second level,
+    for an Average and while gradients flow."""
+    from polyadapter import sites
+    pm = zoo("llama")
+    ids = torch.randint(0, 100, (6, 1), generator=torch.Generator().manual_seed(3))
+    cases = {("l8", "l4", None, "l8", "l8", "l4"): "all", ("l8", "ia", "l8", None, "ia", "l8"): "some",
+             (Stack("l4", "l8"), "l8", None, "l4", "l8", "l8"): "some",  # not where the Stack has two levels
+             (Average("l8", "l4", weights=[0.5, 0.5]), "l8", "l8", "l4", None, "l8"): "none"}
+    for setups, expect in cases.items():
+        for inputs in ({"input_ids": ids}, full_inputs("llama", 6)):
+            taken = _lean_calls(monkeypatch)
+            with torch.no_grad():
+                lean = _logits(pm(**inputs, adapter_names=list(setups)))
+            monkeypatch.setattr(sites, "lean_rows", lambda *a: None)
+            with torch.no_grad():
+                general = _logits(pm(**inputs, adapter_names=list(setups)))
+            assert torch.equal(lean, general), setups
+            assert {"all": all(taken), "some": any(taken) and not all(taken), "none": not any(taken)}[expect], \
+                (setups, taken)
+    fresh = pa.AdapterModel(make_model("llama"))
+    fresh.add_adapter("a", pa.LoraConfig(r=4, targets=["all-linear"]), activate=False)
+    for p in fresh.adapter_parameters("a").values():
+        p.requires_grad_(True)
+    taken = _lean_calls(monkeypatch)
+    fresh(input_ids=ids, adapter_names=["a", None, "a", "a", "a", None]).logits.sum().backward()
+    assert taken and not any(taken)
+
+
+def test_short_way_keeps_the_base_layers_hooks(monkeypatch):
+    """The short way calls a plain ``nn.Linear`` base directly, but not one with a
+    forward hook: the hook still runs and its change shows in the output."""
+    pm = pa.AdapterModel(make_model("llama"))
+    pm.add_adapter("a", pa.LoraConfig(r=4, targets=["all-linear"]), activate=False)
+    ids = torch.randint(0, 100, (4, 1), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        before = pm(input_ids=ids, adapter_names=["a", None, "a", "a"]).logits
+    base = pm.model.model.layers[0].self_attn.o_proj.base
+    seen = []
+    handle = base.register_forward_hook(lambda m, args, out: seen.append(1) or out * 2)
+    taken = _lean_calls(monkeypatch)
+    try:
+        with torch.no_grad():
+            hooked = pm(input_ids=ids, adapter_names=["a", None, "a", "a"]).logits
+    finally:
+        handle.remove()
+    assert seen == [1] and all(taken) and not torch.allclose(before, hooked)
+
+
 def test_mixed_batch_in_eval_mode_applies_no_dropout():
     """A site wrapped in an eval-mode model is in eval mode too: a mixed batch of LoRAs
     with dropout gives the same logits every time, equal to each row alone (a site
@@ -324,3 +389,29 @@ def test_mixed_batch_in_eval_mode_applies_no_dropout():
         again = pm(input_ids=ids, adapter_names=["a", "b", None]).logits
     assert torch.equal(first, again)
     assert_rows_match_alone(pm, "llama", ["a", "b", None], {"input_ids": ids})
+
+
+def test_consecutive_rows_of_a_bank_run_on_views(monkeypatch):
+    """Rows of one bank that sit next to each other (the serving engine orders a step's
+    rows so) are read and updated through views: no gather, no scatter back, and the
+    same logits bit for bit as the gathered rows, which equal each row alone."""
+    from polyadapter import mixed
+    pm = zoo("llama")
+    setups = [None, "l8", "l8", "l8", "l4", "l4"]
+    real_steps = mixed._make_steps
+    for inputs in ({"input_ids": torch.randint(0, 100, (6, 1), generator=torch.Generator().manual_seed(8))},
+                   full_inputs("llama", 6)):
+        scatters = []
+        real_copy = torch.Tensor.index_copy_
+        monkeypatch.setattr(torch.Tensor, "index_copy_", lambda t, *a: scatters.append(1) or real_copy(t, *a))
+        with torch.no_grad():
+            views = _logits(pm(**inputs, adapter_names=setups))
+        assert not scatters
+        monkeypatch.setattr(mixed, "_make_steps",
+                            lambda *a: [mixed.Step(s.role, s.ref, s.rows, s.slots) for s in real_steps(*a)])
+        with torch.no_grad():
+            gathered = _logits(pm(**inputs, adapter_names=setups))
+        assert scatters and torch.equal(views, gathered)
+        monkeypatch.setattr(mixed, "_make_steps", real_steps)
+        monkeypatch.setattr(torch.Tensor, "index_copy_", real_copy)
+        assert_rows_match_alone(pm, "llama", setups, inputs)

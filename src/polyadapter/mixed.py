@@ -22,6 +22,11 @@ setup holds an ``Average`` or ``Fuse`` are evaluated per distinct setup on their
 sub-batch, reusing the base output the level path computed for them (a whole decoder
 layer as a site must not run twice: it would append its KV cache again).
 
+At inference, when every row's setup is a plain name and a site's adapters only add
+updates from its input (LoRA, the serving engine's common case), the site takes a
+short way (:func:`lean_rows`): the same operations with a few Python calls instead of
+the composition machinery's dozens, which on CPU cost as much as the small matmuls.
+
 Banks (the stacked weights of one bucket at one site, across *all* adapters there)
 are cached on the site and rebuilt when an adapter's tensors change (parameter
 version counters), or built fresh in every forward when gradients are needed, so
@@ -37,6 +42,9 @@ from functools import partial
 from operator import attrgetter
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as _module_hooks
 
 from .compose import apply_setup, first_tensor, is_plain_stack, stack_names
 from .errors import StateError
@@ -226,6 +234,7 @@ class Step:
     ref: object                    # bucket index (bankable roles) or adapter name
     rows: torch.Tensor | None      # row indices, None for every row
     slots: torch.Tensor | None     # bank slot per row in ``rows`` (bankable roles)
+    span: tuple | None = None      # (start, end) when ``rows`` are consecutive: views, no copies
 
 
 @dataclass
@@ -268,6 +277,23 @@ class RowPlan:
             steps = self._steps[cache_key] = _make_steps(layout, self.levels[level], k, self.device)
         return steps
 
+    def lean_steps(self, layout: Layout, n: int) -> list[Step] | None:
+        """The steps of a site on :func:`lean_rows`'s short way for a batch of ``n``: every
+        row's setup a plain name, the site's adapters all at level 0 and all adding an
+        update from the site input (LoRA); [] when no row has an adapter here; None
+        where the short way does not apply. Cached per structure like :meth:`steps`."""
+        key = ("lean", layout.id, n)
+        if key not in self._steps:
+            steps = None
+            if not self.groups and n and n % self.n_rows == 0:
+                levels = [self.steps(layout, level, n // self.n_rows) for level in range(len(self.levels))]
+                if not any(levels):
+                    steps = []
+                elif not any(levels[1:]) and all(s.role == "delta_in" for s in levels[0]):
+                    steps = levels[0]
+            self._steps[key] = steps
+        return self._steps[key]
+
     def group_rows(self, k: int) -> list[tuple[object, torch.Tensor]]:
         if k not in self._groups_t:
             self._groups_t[k] = [(s, _expand(torch.tensor(rows, dtype=torch.long), k).to(self.device))
@@ -295,7 +321,9 @@ def _make_steps(layout: Layout, names: list, k: int, device) -> list[Step]:
             slots = torch.tensor([layout.slots[n] for _, n in rows_names], dtype=torch.long)
             slots = (slots.repeat_interleave(k) if k > 1 else slots).to(device)
         full = len(rows_names) == len(names)
-        steps.append(Step(role, ref, None if full else _expand(rows, k).to(device), slots))
+        first, last = rows_names[0][0], rows_names[-1][0]
+        span = (first * k, (last + 1) * k) if last - first + 1 == len(rows_names) else None
+        steps.append(Step(role, ref, None if full else _expand(rows, k).to(device), slots, span))
     steps.sort(key=lambda s: _ORDER[s.role])
     return steps
 
@@ -336,6 +364,39 @@ def _put_rows_with_mark(first, rows, new, x):
 
 
 # ---------------------------------------------------------------------- at a site
+def lean_rows(plan: RowPlan, site, x, args: tuple, kwargs: dict):
+    """The site's output for a mixed batch by a short way, or None (nothing run) where
+    it does not apply. It applies at inference when every row's setup is a plain name
+    and the site's adapters only add an update computed from its input (LoRA): the
+    serving engine's steps. Then it is :func:`apply_rows` without the composition
+    machinery: the base (a plain ``nn.Linear`` without hooks called directly), and one
+    bank call per bucket. On CPU a site's Python costs as much as its LoRA matmuls, so
+    every call saved here shows in the engine's tokens/s."""
+    if torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return None
+    layout = site.layout()
+    steps = plan.lean_steps(layout, x.shape[0])
+    if steps is None:
+        return None
+    base = site.base
+    if args or kwargs or not _plain_linear(base):
+        y = base(x, *args, **kwargs)
+    else:
+        y = F.linear(x, base.weight, base.bias)
+    first, rest = first_tensor(y)
+    own = first.data_ptr() != x.data_ptr()
+    for s in steps:
+        first = _bank_apply(site, layout.buckets[s.ref], x, first, s, own)
+    return first if rest is None else (first,) + rest
+
+
+def _plain_linear(module) -> bool:
+    """Whether calling ``module`` is exactly ``F.linear`` with its weight and bias: an
+    ``nn.Linear`` (not a subclass) with no hooks of its own and no global ones."""
+    return (type(module) is nn.Linear and not module._forward_pre_hooks and not module._forward_hooks
+            and not _module_hooks._global_forward_pre_hooks and not _module_hooks._global_forward_hooks)
+
+
 def apply_rows(plan: RowPlan, site, inner, x, call):
     """The site's output for a mixed batch (see the module docstring)."""
     k = plan.factor(x.shape[0], site.site_name)
@@ -443,6 +504,14 @@ def _bank_apply(site, bucket: Bucket, t, out, step: Step, in_place: bool):
     bank, owner, rows = bucket.get(site), bucket.owner, step.rows
     if rows is None:
         return owner.bank_forward(bank, t, out, step.slots, in_place, site.training)
+    if in_place and step.span is not None and step.role == "delta_in":
+        # consecutive rows (the serving engine orders a step's rows by bucket and slot):
+        # work on views of the input and output, no gather and no scatter
+        part = out[step.span[0]:step.span[1]]
+        sub = owner.bank_forward(bank, t[step.span[0]:step.span[1]], part, step.slots, True, site.training)
+        if sub.data_ptr() != part.data_ptr():
+            part.copy_(sub)
+        return out
     sub = owner.bank_forward(bank, t.index_select(0, rows), out.index_select(0, rows), step.slots, True,
                              site.training)
     return out.index_copy_(0, rows, sub) if in_place else out.index_copy(0, rows, sub)

@@ -16,7 +16,7 @@ from torch import nn
 
 from .compose import apply_setup
 from .errors import TargetError
-from .mixed import Layout, apply_rows
+from .mixed import Layout, apply_rows, lean_rows
 
 try:  # Hugging Face's transposed linear layer (GPT-2), which stores its weight as (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -46,10 +46,15 @@ class Site(nn.Module):
         object.__setattr__(self, "_layout", None)
 
     def forward(self, x, *args, **kwargs):
+        rows = self.state.rows
+        if rows is not None:
+            y = lean_rows(rows, self, x, args, kwargs)
+            if y is not None:
+                return y
         call = partial(_call_module, args, kwargs)
         inner = partial(call, self.base)
-        if self.state.rows is not None:
-            return apply_rows(self.state.rows, self, inner, x, call)
+        if rows is not None:
+            return apply_rows(rows, self, inner, x, call)
         return apply_setup(self.state.setup, self, inner, x, call)
 
     def layout(self):

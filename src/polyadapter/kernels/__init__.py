@@ -54,3 +54,13 @@ def lora_delta(x, A, B, slot, scale, out=None, cache=None):
     x: (n, L, in); A: (S, r, in); B: (S, out, r); slot: (n,); scale: (S,). ``cache``: the
     bank dict that holds A, B and scale, where the torch path keeps views of them."""
     return backend_for(x).lora_delta(x, A, B, slot, scale, out=out, cache=cache)
+
+
+def lora_add_(xs, out, A, B, slot, scale, cache=None) -> bool:
+    """``out += LoRA(xs)`` in place, for inference, where the torch path can do it without
+    sorting tokens (see ``torch_ops.lora_add_``); False, ``out`` untouched, where it
+    cannot (and on a device the Triton kernels serve): the caller takes :func:`lora_delta`.
+
+    xs: (tokens, in); out: (tokens, out), contiguous; ``slot`` has one entry per row of
+    equal length, the rest as in :func:`lora_delta`."""
+    return backend_for(xs) is torch_ops and torch_ops.lora_add_(xs, out, A, B, slot, scale, cache)

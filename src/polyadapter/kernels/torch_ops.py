@@ -38,6 +38,9 @@ _FAST_ROWS = 2
 # times the real tokens. At SmolLM2's widths, 2 threads, it took 86-217 us per site where
 # per-slot matmuls or grouped_mm took 174-426 us (6-16 slots, 16-32 rows; ad-hoc timing).
 _PADDED_WASTE = 4
+# Tokens per row up to which the segment paths run; longer rows (prefill of a padded
+# batch) measured faster on the gather path (bench/mixed_batch.py).
+_SHORT_ROWS = 4
 
 
 def gathered_linear(x, weight, slot, bias=None, scale=None, out=None):
@@ -76,7 +79,7 @@ def _segments_pay(x, A, B, slot, out) -> bool:
     size = x.element_size()  # grouped_mm needs every row stride to be a multiple of 16 bytes
     if any(d * size % 16 for d in (A.shape[1], A.shape[2], B.shape[1])):
         return False
-    return x.shape[1] <= 4  # measured (bench/mixed_batch.py): long rows run faster on the gather path
+    return x.shape[1] <= _SHORT_ROWS
 
 
 class SegmentPlan(NamedTuple):
@@ -132,18 +135,11 @@ def segment_plan(slot: torch.Tensor, banks: int, L: int) -> SegmentPlan:
 
 def _lora_segments(x, A, B, slot, scale, out, cache=None):
     n, L, _ = x.shape
-    pick, slot, order, offs, _, tokens, runs, padded = segment_plan(slot, A.shape[0], L)
     xs = x.reshape(n * L, -1)
-    runs, loop, fast = runs or (None, False, False)
-    if (out is not None and not torch.is_grad_enabled() and x.dtype == A.dtype == B.dtype == out.dtype
-            and not isinstance(pick, torch.Tensor)):
-        first = 0 if pick is None else pick.start
-        if padded is not None and padded[0].shape[0] <= _PADDED_WASTE * n * L:
-            _padded_into(xs, out.view(n * L, -1), _views(cache, A, B, scale, ("range", first, offs.shape[0])), padded)
-            return out
-        if fast:
-            _runs_into(xs, out.view(n * L, -1), A, B, scale, runs, first, cache)
-            return out
+    if out is not None and lora_add_(xs, out.view(n * L, -1), A, B, slot, scale, cache):
+        return out
+    pick, slot, order, offs, _, tokens, runs, _ = segment_plan(slot, A.shape[0], L)
+    runs, loop, _ = runs or (None, False, False)
     if not loop:
         runs = None
     if isinstance(pick, slice):
@@ -171,6 +167,36 @@ def _lora_segments(x, A, B, slot, scale, out, cache=None):
         return flat.index_add(0, tokens, d.to(out.dtype)).view(out.shape)
     flat.index_add_(0, tokens, d.to(out.dtype))
     return out
+
+
+def lora_add_(xs, out, A, B, slot, scale, cache=None) -> bool:
+    """``out += LoRA(xs)`` in place for inference, on the two paths that need no sort of
+    the tokens (rows in slot order, or a padded block); False, with ``out`` untouched,
+    where neither applies (gradients, mixed dtypes, not CPU, long rows, used slots too
+    scattered for a slice of the bank), and the caller takes :func:`lora_delta`.
+
+    xs: (tokens, in) and out: (tokens, out), the tokens of ``slot.shape[0]`` rows of equal
+    length; the rest as in :func:`lora_delta`. The serving engine's sites come here
+    straight from the bank (``LoraPart.bank_forward``): the checks and the choice of
+    path are a handful of comparisons, and the plan is the one cached on ``slot``."""
+    if (torch.is_grad_enabled() or xs.device.type != "cpu" or not xs.dtype == A.dtype == B.dtype == out.dtype
+            or slot.shape[0] == 0):
+        return False
+    tokens = xs.shape[0]
+    L = tokens // slot.shape[0]
+    if L > _SHORT_ROWS:
+        return False
+    plan = segment_plan(slot, A.shape[0], L)
+    if isinstance(plan.pick, torch.Tensor):
+        return False
+    first = 0 if plan.pick is None else plan.pick.start
+    if plan.padded is not None and plan.padded[0].shape[0] <= _PADDED_WASTE * tokens:
+        _padded_into(xs, out, _views(cache, A, B, scale, ("range", first, plan.offs.shape[0])), plan.padded)
+        return True
+    if plan.runs is not None and plan.runs[2]:
+        _runs_into(xs, out, A, B, scale, plan.runs[0], first, cache)
+        return True
+    return False
 
 
 def _runs_matmul(xs, A, B, scale, runs):

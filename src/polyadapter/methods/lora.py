@@ -29,7 +29,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..errors import ConfigError
-from ..kernels import lora_delta
+from ..kernels import lora_add_, lora_delta
 from ..sites import LINEAR_TYPES, linear_dims, pattern_value
 from .spec import MethodSpec, random_init_wanted, with_preset_targets
 
@@ -232,6 +232,10 @@ class LoraPart(nn.Module):
     @staticmethod
     def bank_forward(bank: dict, x, out, slots, in_place: bool, training: bool):
         """``out`` plus every row's own LoRA update (rows choose bank ``slots``)."""
+        if (in_place and not training and not bank["embedding"] and "factor" not in bank and "A0" not in bank
+                and out.is_contiguous() and lora_add_(x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]),
+                                                      bank["A"], bank["B"], slots, bank["scale"], bank)):
+            return out  # the serving engine's decode steps: straight to the in-place kernels
         n = x.shape[0]
         out3 = out.reshape(n, -1, out.shape[-1])
         if bank["embedding"]:

@@ -294,20 +294,26 @@ class AdapterPool:
             self.device[name] = None
             self.wanted.pop(name, None)
 
-    def slot_rank(self, name: str | None) -> int:
-        """The bank slot ``name`` holds at its first site (-1 for the base or an adapter
-        without bank slots). Every site installs the pool's adapters in the same order,
-        so slots agree across sites: ordering a step's rows by this rank puts each
-        bank's rows in slot order, and the segment kernels then need no gather or
-        scatter at any site."""
+    def slot_rank(self, name: str | None) -> tuple[int, int]:
+        """(bank, slot) of ``name`` at its first site ((-1, -1) for the base or an
+        adapter without bank slots). Every site installs the pool's adapters in the same
+        order, so banks and slots agree across sites: ordering a step's rows by this
+        rank makes each bank's rows consecutive (views instead of gathers, see
+        ``mixed.Step.span``) and puts them in slot order, so the segment kernels gather
+        and scatter nothing at any site."""
         if name is None or name not in self.pm.adapters:
-            return -1
+            return (-1, -1)
         record = self.pm.record(name)
         if not record.sites:
-            return -1
+            return (-1, -1)
         site = original_or_site(self.pm.model, record.sites[0])
-        slots = site.layout().slots if isinstance(site, Site) else {}
-        return slots.get(name, -1)
+        if not isinstance(site, Site):
+            return (-1, -1)
+        layout = site.layout()
+        role = layout.roles.get(name)
+        if name not in layout.slots or role is None or not isinstance(role[1], int):
+            return (-1, -1)
+        return (role[1], layout.slots[name])
 
     def _compute_merge(self, source: Source) -> None:
         from ..ops.combine import combine
