@@ -66,7 +66,7 @@ STRATEGIES = {
     "padded": {"_PADDED_WASTE": 10**9, "_LOOP_ROWS": 10**9, "_FAST_ROWS": 10**9},
     "runs": {"_PADDED_WASTE": 0, "_LOOP_ROWS": 0, "_FAST_ROWS": 0},
     "grouped_mm": {"_PADDED_WASTE": 0, "_LOOP_ROWS": 10**9, "_FAST_ROWS": 10**9},
-    "gather": {"_segments_pay": lambda *a: False},
+    "gather": {"_segments_pay": lambda *a: False, "lora_add_": lambda *a, **k: False},
 }
 
 
